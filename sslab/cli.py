@@ -1,0 +1,137 @@
+"""The `sslab` command: parses, validates, calls. Everything it runs is importable from the package."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError, parse_overrides
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a registered recipe (see `sslab recipes`)")
+    p.add_argument("--data", help="directory made by `sslab data prepare` (sets data.path)")
+    p.add_argument("--preset", help="YAML preset: a file, or a built-in name (e.g. demo)")
+    p.add_argument("--epochs", type=int, help="sets engine.epochs")
+    p.add_argument("--batch-size", type=int, help="global batch; sets engine.batch_size")
+    p.add_argument("--workers", type=int, help="Ray Train workers; sets engine.workers (0 = what fits)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); sets engine.use_gpu")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. recipe.temperature=0.2 data.strength=0.5")
+
+
+def _spec_from_args(args):
+    from .platform.spec import make_spec
+
+    overrides = parse_overrides(args.overrides)
+    for flag, key in (("data", "data.path"), ("epochs", "engine.epochs"), ("batch_size", "engine.batch_size"),
+                      ("workers", "engine.workers")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    if getattr(args, "gpu", False):
+        overrides["engine.use_gpu"] = True
+    return make_spec(args.recipe, overrides, args.preset)
+
+
+def cmd_recipes(args) -> int:
+    from .recipes import registry
+
+    for name in registry.names():
+        print(f"{name:12s} {registry.get(name).summary}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """Print the resolved config (defaults < recipe's paper settings < preset < overrides)."""
+    from .config import describe
+    from .platform.spec import SECTIONS
+    from .recipes import registry
+
+    spec = _spec_from_args(args)
+    helps = {f"{s}.{n}": h for s, cls in (SECTIONS | {"recipe": registry.get(args.recipe).config}).items()
+             for n, _, h in describe(cls)}
+    for key, value in spec.flat().items():
+        print(f"{key} = {value!r:<14}  # {helps.get(key, '')}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .platform.launch import train
+    from .platform.report import summarize
+
+    spec = _spec_from_args(args)
+    result = train(spec, name=args.name, storage=args.storage, address=args.address)
+    return summarize(result)
+
+
+def cmd_data_prepare(args) -> int:
+    from .datasets import shards, sources
+
+    if args.source == "fashion-mnist":
+        src = sources.fashion_mnist(args.root)
+    else:
+        if not args.src:
+            raise ConfigError("`sslab data prepare folder` needs the image folder: sslab data prepare folder SRC --out DIR")
+        src = sources.image_folder(args.src, size=args.size, channels=args.channels, test_fraction=args.test_fraction)
+    summary = shards.prepare(src, args.out, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    from .datasets.shards import read_manifest
+
+    m = read_manifest(args.dir)
+    print(f"{args.dir}: {m.count('train')} train / {m.count('test')} test images, {m.image_size[0]}x"
+          f"{m.image_size[1]}x{m.channels}, {m.num_classes} classes, mean {m.mean}, std {m.std}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sslab", description="Pretrain, compare and tune self-supervised image "
+                                "encoders on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("recipes", help="list the registered recipes")
+    s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("config", help="print a recipe's resolved config with each key's meaning")
+    _add_run_args(s)
+    s.set_defaults(fn=cmd_config)
+
+    s = sub.add_parser("train", help="pretrain a recipe with Ray Train (resumes when --name exists)")
+    _add_run_args(s)
+    s.add_argument("--name", help="run name; re-using one resumes it from its latest checkpoint")
+    s.add_argument("--storage", help="where runs live: a path or a URI (default ./runs or $SSLAB_STORAGE)")
+    s.add_argument("--address", help="join a Ray cluster (auto or ray://host:10001) instead of a local instance")
+    s.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="prepare and inspect datasets").add_subparsers(dest="data_cmd", required=True)
+    s = d.add_parser("prepare", help="write Parquet shards + manifest from Fashion-MNIST or an image folder")
+    s.add_argument("source", choices=["fashion-mnist", "folder"])
+    s.add_argument("src", nargs="?", help="the image folder (for `folder`): class = sub-folder name")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--root", help="fashion-mnist: directory holding the IDX files")
+    s.add_argument("--size", type=int, default=64, help="folder: images resized and centre-cropped to SIZE px")
+    s.add_argument("--channels", type=int, default=3, choices=[1, 3], help="folder: 1 (grey) or 3 (RGB)")
+    s.add_argument("--test-fraction", type=float, default=0.1,
+                   help="folder without train/ and test/ sub-folders: share held out for evaluation")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(fn=cmd_data_prepare)
+    s = d.add_parser("info", help="summarise a prepared dataset")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_data_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"sslab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The Ray Data pipeline: Parquet shards -> decode -> augmented uint8 views, streamed to Train workers."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import knob
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = knob("", "directory written by `sslab data prepare` (holds manifest.json)")
+    strength: float = knob(1.0, "colour-distortion strength s: scales jitter magnitudes (SimCLR)", min=0.0, max=4.0)
+    min_scale: float = knob(0.2, "smallest random-resized-crop area fraction of global views", min=0.01, max=1.0)
+    blur_p: float = knob(-1.0, "gaussian-blur probability; -1 = the recipe's own choice", min=-1.0, max=1.0)
+    crop_size: int = knob(0, "side of global views in pixels; 0 = the stored image size", min=0)
+    batch_rows: int = knob(256, "rows decoded and augmented per Ray Data task batch", min=1)
+    cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
+    limit: int = knob(0, "use only the first N training images (0 = all); for smoke runs", min=0)
+
+    def check(self):
+        if not self.path:
+            raise ValueError("path is required: pass --data DIR (a directory made by `sslab data prepare`)")
+
+
+class MakeViews:
+    """Ray Data batch function: PNG bytes -> uint8 views, one fixed-shape column per view.
+
+    In: {"image": [n] bytes, "index": [n], "label": [n]}. Out: {column: uint8 [n, C, s, s] for every view,
+    "index": int64 [n], "label": int64 [n] with -1 for unknown}.
+    """
+
+    def __init__(self, viewset, channels: int):
+        self.viewset = viewset
+        self.channels = channels
+
+    def __call__(self, batch: dict) -> dict:
+        from .shards import decode_images
+        from .views import make_views
+
+        images = decode_images(list(batch["image"]), self.channels)           # [n, C, H, W] uint8
+        seed = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)          # fresh draws every batch, every epoch
+        out = make_views(images, self.viewset, seed)
+        out["index"] = np.asarray(batch["index"], dtype=np.int64)
+        labels = batch["label"]
+        out["label"] = np.asarray([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in labels],
+                                  dtype=np.int64)
+        return out
+
+
+def train_dataset(cfg: DataConfig, manifest, viewset):
+    """The training stream: shards read in a shuffled file and block order each epoch, augmented by tasks."""
+    import ray.data
+
+    ds = ray.data.read_parquet(manifest.files("train"), shuffle="files").select_columns(["image", "index", "label"])
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    ds = ds.randomize_block_order()
+    return ds.map_batches(MakeViews(viewset, manifest.channels), batch_size=cfg.batch_rows,
+                          batch_format="numpy", num_cpus=cfg.cpus_per_task)

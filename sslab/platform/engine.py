@@ -1,0 +1,219 @@
+"""The per-worker training loop run by Ray Train: build the recipe and optimiser, stream the worker's data shard,
+step, schedule, monitor (kNN, collapse), checkpoint every epoch, report metrics, write TensorBoard on rank 0."""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from ..datasets.shards import read_manifest
+from ..datasets.views import normalize, view_grid
+from ..recipes import registry
+from ..recipes.backbones import build_backbone
+from ..recipes.registry import RecipeContext
+from . import dist
+from .evaluate import eval_split, extract, knn_accuracy, pixel_knn
+from .optim import build_optimizer, lr_at
+from .spec import RunSpec
+
+STATE_FILE = "state.pt"
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run must not go on: a non-finite loss or a collapsed representation."""
+
+
+def build_recipe(spec: RunSpec, manifest, image_size: int) -> torch.nn.Module:
+    info = registry.get(spec.recipe_name)
+    ctx = RecipeContext(make_backbone=lambda: build_backbone(spec.model, manifest.channels, image_size),
+                        num_train=manifest.count("train"), channels=manifest.channels, image_size=image_size,
+                        epochs=spec.engine.epochs)
+    return info.cls(spec.recipe, ctx)
+
+
+def steps_per_epoch(spec: RunSpec, num_train: int) -> int:
+    n = min(num_train, spec.data.limit) if spec.data.limit else num_train
+    steps = n // spec.engine.batch_size
+    return min(steps, spec.engine.steps_per_epoch) if spec.engine.steps_per_epoch else steps
+
+
+def collapse_score(embedding: torch.Tensor) -> float:
+    """SimSiam's collapse monitor: std over the batch of L2-normalised outputs, per dimension, averaged, times
+    sqrt(d). About 1 for a healthy spread-out representation, 0 when every input maps to one point."""
+    z = torch.nn.functional.normalize(embedding.float(), dim=1)
+    return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
+
+
+def save_state(path: str, recipe, optimizer, epoch: int, step: int, spec: RunSpec) -> None:
+    torch.save({"recipe": recipe.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "global_step": step, "spec": spec.to_dict()}, os.path.join(path, STATE_FILE))
+
+
+def load_state(path: str, map_location="cpu") -> dict:
+    return torch.load(os.path.join(path, STATE_FILE), map_location=map_location, weights_only=False)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`. `config` is RunSpec.to_dict() plus "log_dir"."""
+    import ray.train
+    import ray.train.torch
+
+    spec = RunSpec.from_dict(config)
+    eng = spec.engine
+    device = ray.train.torch.get_device()
+    rank, world = dist.rank(), dist.world_size()
+    torch.manual_seed(eng.seed)
+    manifest = read_manifest(spec.data.path)
+    image_size = spec.data.crop_size or manifest.image_size[0]
+    viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data, image_size)
+    columns = viewset.columns
+
+    recipe = build_recipe(spec, manifest, image_size).to(device)
+    if eng.use_gpu and world > 1:
+        recipe = torch.nn.SyncBatchNorm.convert_sync_batchnorm(recipe)  # raises on CPU tensors: GPU only
+    if eng.channels_last and device.type == "cuda":
+        recipe = recipe.to(memory_format=torch.channels_last)
+    local_batch = eng.batch_size // world
+    peak_lr = eng.base_lr * eng.batch_size / 256
+    optimizer = build_optimizer(eng.optimizer, recipe, peak_lr, eng.momentum, eng.weight_decay)
+
+    start_epoch, step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_state(d, device)
+        recipe.load_state_dict(state["recipe"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["global_step"]
+        if rank == 0:
+            print(f"[sslab] resumed from checkpoint after epoch {state['epoch'] + 1} (step {step})", flush=True)
+
+    # the data-parallel wrapper only averages gradients; recipe state (queues, banks) is kept identical by the
+    # recipes themselves, so buffers are not re-broadcast every step
+    model = ray.train.torch.prepare_model(recipe, move_to_device=False,
+                                          parallel_strategy_kwargs={"broadcast_buffers": False})
+    if eng.compile:
+        model = torch.compile(model)
+
+    mean = torch.tensor(manifest.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(manifest.std, device=device).view(1, -1, 1, 1)
+
+    def prepare(x):  # uint8 [n, C, H, W] -> normalised float on the device
+        x = normalize(x.to(device, non_blocking=True), mean, std)
+        return x.contiguous(memory_format=torch.channels_last) if eng.channels_last and device.type == "cuda" else x
+
+    writer = None
+    if rank == 0 and config.get("log_dir"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config["log_dir"])
+    spe = steps_per_epoch(spec, manifest.count("train"))
+    if spe < 1:
+        raise ValueError(f"batch_size {eng.batch_size} is larger than the training set")
+    total, warmup = spe * eng.epochs, int(eng.warmup_epochs * spe)
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=eng.amp and device.type == "cuda")
+    baseline = None
+
+    for epoch in range(start_epoch, eng.epochs):
+        model.train()
+        t0, seen, loss_sum, n_steps, embedding = time.perf_counter(), 0, 0.0, 0, None
+        it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True))
+        for i in range(spe):
+            batch = next(it, None)
+            # every rank must take the same number of steps, or a collective hangs: stop together
+            if not dist.all_true(batch is not None and batch[columns[0]].shape[0] == local_batch, device):
+                break
+            progress = step / total
+            lr = lr_at(step, total, warmup, peak_lr, eng.final_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            views = [prepare(batch[c]) for c in columns]
+            meta = {k: batch[k].to(device) for k in ("index", "label")}
+            with autocast:
+                out = model(views, meta, progress)
+            loss = out.loss
+            if not dist.all_true(bool(torch.isfinite(loss.detach())), device):  # all ranks stop together
+                raise TrainingStopped(_stop_message("loss is not finite", f"{loss.item()}", epoch, step, config))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if eng.clip_grad:
+                torch.nn.utils.clip_grad_norm_(recipe.parameters(), eng.clip_grad)
+            optimizer.step()
+            if hasattr(recipe, "after_step"):
+                recipe.after_step(progress)
+            step += 1
+            n_steps += 1
+            seen += local_batch * world
+            loss_sum += loss.item()
+            if out.embedding is not None:
+                embedding = out.embedding
+            if writer and epoch == start_epoch and i == 0:
+                writer.add_image("views", view_grid([batch[c] for c in columns]), step)
+            if rank == 0 and (i + 1) % eng.log_every == 0:
+                rate = seen / (time.perf_counter() - t0)
+                print(f"[sslab] epoch {epoch + 1}/{eng.epochs} step {i + 1}/{spe} loss {loss_sum / n_steps:.4f} "
+                      f"lr {lr:.4g} {rate:.0f} img/s", flush=True)
+        collections.deque(it, maxlen=0)  # drain a stream cut short, so the next epoch starts clean
+        elapsed = time.perf_counter() - t0
+        mean_loss = torch.tensor([loss_sum / max(1, n_steps)], device=device)
+        # the collapse score of the epoch's last batch, averaged over ranks so every rank takes the same decision
+        score = collapse_score(embedding) if embedding is not None else float("nan")
+        score = dist.all_reduce(torch.tensor([score], device=device), "mean").item()
+        collapsed = eng.collapse_threshold and math.isfinite(score) and score < eng.collapse_threshold
+        metrics = {"epoch": epoch + 1, "step": step, "loss": dist.all_reduce(mean_loss, "mean").item(),
+                   "lr": lr_at(max(0, step - 1), total, warmup, peak_lr, eng.final_lr_ratio),
+                   "images_per_s": seen / elapsed, "epoch_s": elapsed, "collapse_score": score}
+        for k, v in (out.metrics.items() if n_steps else ()):
+            metrics[k] = float(v)
+        if eng.knn_every and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == eng.epochs):
+            metrics["knn_top1"] = knn_monitor(recipe.encoder(), spec, manifest, prepare)
+            if baseline is None:
+                baseline = pixel_knn(spec.data.path, manifest.num_classes, eng.knn_bank, eng.knn_queries,
+                                     eng.knn_k, eng.knn_t)
+            metrics["knn_top1_pixels"] = baseline
+        if writer:
+            for k, v in metrics.items():
+                if k not in ("epoch", "step") and math.isfinite(v):
+                    writer.add_scalar(k, v, epoch + 1)
+            writer.flush()
+        if rank == 0:
+            knn = f" knn_top1 {metrics['knn_top1']:.4f} (raw pixels {baseline:.4f})" if "knn_top1" in metrics else ""
+            print(f"[sslab] epoch {epoch + 1}/{eng.epochs} done: loss {metrics['loss']:.4f} "
+                  f"{metrics['images_per_s']:.0f} img/s collapse_score {score:.3f}{knn}", flush=True)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and not collapsed:  # a collapsed state is never the latest checkpoint
+                save_state(tmp, recipe, optimizer, epoch, step, spec)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if collapsed:
+            raise TrainingStopped(_stop_message("representation collapsed: collapse_score",
+                                                f"{score:.4f} < engine.collapse_threshold {eng.collapse_threshold}",
+                                                epoch, step, config))
+    if writer:
+        writer.close()
+
+
+def knn_monitor(encoder, spec: RunSpec, manifest, prepare) -> float:
+    eng = spec.engine
+    bank_x, bank_y = eval_split(spec.data.path, "train", eng.knn_bank)
+    query_x, query_y = eval_split(spec.data.path, "test", eng.knn_queries)
+    if spec.data.crop_size and spec.data.crop_size != manifest.image_size[0]:
+        resize = lambda x: torch.nn.functional.interpolate(prepare(x), size=spec.data.crop_size, mode="bilinear")
+    else:
+        resize = prepare
+    bank = extract(encoder, bank_x, resize)
+    queries = extract(encoder, query_x, resize)
+    return knn_accuracy(bank, bank_y, queries, query_y, manifest.num_classes, eng.knn_k, eng.knn_t)
+
+
+def _stop_message(what: str, value: str, epoch: int, step: int, config: dict) -> str:
+    return (f"training stopped at epoch {epoch + 1}, step {step}: {what} ({value}). The last good checkpoint is "
+            f"the latest one under {config.get('run_dir', 'the run directory')} (epoch {epoch} or earlier); "
+            f"lower the learning rate or check the recipe's settings before resuming.")

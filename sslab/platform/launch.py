@@ -1,0 +1,123 @@
+"""Start a training run: validate everything locally, start (or join) Ray, build the TorchTrainer, fit."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from ..config import ConfigError
+from ..datasets.pipeline import train_dataset
+from ..datasets.shards import read_manifest
+from ..recipes import registry
+from .engine import steps_per_epoch, train_worker
+from .spec import RunSpec
+
+
+@dataclass(frozen=True)
+class Placement:
+    workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+
+
+def default_storage() -> str:
+    return os.path.abspath(os.environ.get("SSLAB_STORAGE", "runs"))
+
+
+def resolve_storage(storage: str | None) -> str:
+    """Local paths become absolute; URIs (s3://, gs://, ...) pass through to Ray's pyarrow filesystems."""
+    storage = storage or default_storage()
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def plan_workers(spec: RunSpec, cluster_cpus: float | None = None, cluster_gpus: float | None = None) -> Placement:
+    """Workers requested, or what fits: one per GPU with use_gpu, else one per two CPUs (torch threads and the
+    data pipeline's tasks share the rest)."""
+    eng = spec.engine
+    if eng.workers:
+        n = eng.workers
+    elif eng.use_gpu:
+        n = max(1, int(cluster_gpus or 0))
+    else:
+        n = max(1, int((cluster_cpus or os.cpu_count() or 1) // 2))
+    return Placement(n, eng.cpus_per_worker, eng.use_gpu)
+
+
+def validate(spec: RunSpec, workers: int):
+    """Checks that need the data: everything a worker would trip over, found before any cluster time is spent."""
+    manifest = read_manifest(spec.data.path)
+    eng = spec.engine
+    if eng.batch_size % workers:
+        raise ConfigError(f"engine.batch_size={eng.batch_size} must be divisible by the {workers} workers")
+    if eng.batch_size // workers < 2:
+        raise ConfigError(f"engine.batch_size={eng.batch_size} leaves fewer than 2 images per worker")
+    if steps_per_epoch(spec, manifest.count("train")) < 1:
+        raise ConfigError(f"engine.batch_size={eng.batch_size} is larger than the {manifest.count('train')} "
+                          f"training images")
+    size = spec.data.crop_size or manifest.image_size[0]
+    if size > manifest.image_size[0]:
+        raise ConfigError(f"data.crop_size={size} is larger than the stored images ({manifest.image_size[0]} px)")
+    registry.get(spec.recipe_name).views(spec.recipe, spec.data, size)  # view specs validate their ranges
+    return manifest
+
+
+def init_ray(address: str | None, want_cpus: float):
+    """Join `address` (ray://host:10001 or auto), or start a local instance sized so Train workers and the data
+    pipeline both fit. Logical CPUs are over-subscribed a little on small machines: the OS shares the cores,
+    and Ray would otherwise leave no slot for the decode tasks."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    num_cpus = max(os.cpu_count() or 1, int(want_cpus + 0.999) + 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+
+
+def run_name(spec: RunSpec, name: str | None) -> str:
+    return name or f"{spec.recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None, address: str | None = None,
+          callbacks: list | None = None):
+    """Run (or resume, when `name` exists under `storage`) a training run; returns Ray Train's Result."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = resolve_storage(storage)
+    name = run_name(spec, name)
+    placement = plan_workers(spec)
+    manifest = validate(spec, placement.workers)
+    init_ray(address, placement.workers * placement.cpus_per_worker + spec.data.cpus_per_task)
+    if not spec.engine.workers:
+        res = ray.cluster_resources()
+        placement = plan_workers(spec, res.get("CPU"), res.get("GPU"))
+        validate(spec, placement.workers)
+
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    log_dir = run_dir + "/tensorboard" if "://" not in run_dir else None
+    viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data,
+                                                  spec.data.crop_size or manifest.image_size[0])
+    config = spec.to_dict() | {"log_dir": log_dir, "run_dir": run_dir}
+    print(f"[sslab] run {name}: {spec.recipe_name} on {manifest.count('train')} images, "
+          f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
+          f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
+    print(f"[sslab] checkpoints and metrics: {run_dir}")
+    if log_dir:
+        print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=placement.workers, use_gpu=placement.use_gpu,
+                                     resources_per_worker={"CPU": placement.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.engine.checkpoint_keep),
+                             failure_config=FailureConfig(max_failures=spec.engine.max_failures)),
+        datasets={"train": train_dataset(spec.data, manifest, viewset)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()

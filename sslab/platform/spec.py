@@ -1,0 +1,87 @@
+"""A run's full configuration: engine, model, data and recipe sections, resolved from defaults, the recipe's
+paper settings, a preset and dotted overrides, in that order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError, asdict, build, knob, load_preset
+from ..datasets.pipeline import DataConfig
+from ..recipes import registry
+from ..recipes.backbones import ModelConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    epochs: int = knob(10, "passes over the training set", min=1)
+    batch_size: int = knob(256, "global batch (all workers together); must divide by the worker count", min=2)
+    workers: int = knob(0, "Ray Train workers; 0 = what fits (GPUs if use_gpu, else 1 per 2 CPUs)", min=0)
+    cpus_per_worker: float = knob(1.0, "logical CPUs each Train worker reserves", min=0.0, min_exclusive=True)
+    use_gpu: bool = knob(False, "one GPU per worker, NCCL collectives")
+    optimizer: str = knob("sgd", "sgd, lars or adamw", choices=("sgd", "lars", "adamw"))
+    base_lr: float = knob(0.05, "learning rate at batch 256 (scaled linearly with the global batch)", min=0.0,
+                          min_exclusive=True)
+    momentum: float = knob(0.9, "SGD/LARS momentum", min=0.0, max=1.0)
+    weight_decay: float = knob(1e-6, "weight decay (not on biases and norm parameters)", min=0.0)
+    warmup_epochs: float = knob(1.0, "linear learning-rate warm-up before the cosine decay", min=0.0)
+    final_lr_ratio: float = knob(0.0, "cosine decay ends at this fraction of the peak", min=0.0, max=1.0)
+    clip_grad: float = knob(0.0, "clip the gradient norm to this value (0 = off)", min=0.0)
+    amp: bool = knob(False, "bf16 autocast on GPU")
+    channels_last: bool = knob(False, "channels-last memory format on GPU")
+    compile: bool = knob(False, "torch.compile the recipe")
+    seed: int = knob(0, "seed for initialisation")
+    steps_per_epoch: int = knob(0, "cap the steps of an epoch (0 = one full pass); for smoke runs", min=0)
+    knn_every: int = knob(1, "run the kNN monitor every N epochs (0 = never)", min=0)
+    knn_k: int = knob(200, "kNN neighbours (InstDisc's weighted vote)", min=1)
+    knn_t: float = knob(0.1, "kNN vote temperature", min=0.0, min_exclusive=True)
+    knn_bank: int = knob(0, "training images in the kNN bank (0 = all)", min=0)
+    knn_queries: int = knob(0, "test images queried (0 = all)", min=0)
+    collapse_threshold: float = knob(0.02, "stop when std(normalised embedding) * sqrt(d) falls below this "
+                                           "(healthy ~1, collapsed 0); 0 = never", min=0.0, max=1.0)
+    log_every: int = knob(50, "print a progress line every N steps", min=1)
+    checkpoint_keep: int = knob(2, "checkpoints kept in the run directory", min=1)
+    max_failures: int = knob(0, "worker-group restarts from the last checkpoint before the run fails", min=0)
+
+
+SECTIONS = {"engine": EngineConfig, "model": ModelConfig, "data": DataConfig}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    recipe_name: str
+    engine: EngineConfig
+    model: ModelConfig
+    data: DataConfig
+    recipe: Any
+
+    def to_dict(self) -> dict:
+        return {"recipe_name": self.recipe_name, "engine": asdict(self.engine), "model": asdict(self.model),
+                "data": asdict(self.data), "recipe": asdict(self.recipe)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        info = registry.get(d["recipe_name"])
+        return cls(d["recipe_name"], *(build(SECTIONS[s], d[s], s) for s in ("engine", "model", "data")),
+                   build(info.config, d["recipe"], "recipe"))
+
+    def flat(self) -> dict[str, Any]:
+        d = self.to_dict()
+        return {f"{s}.{k}": v for s in ("engine", "model", "data", "recipe") for k, v in d[s].items()}
+
+
+def make_spec(recipe_name: str, overrides: dict[str, Any] | None = None, preset: str | None = None) -> RunSpec:
+    """Resolve a run's config; every key is checked, and a bad one fails naming the valid choices."""
+    info = registry.get(recipe_name)
+    flat: dict[str, Any] = {(k if "." in k else f"engine.{k}"): v for k, v in info.engine.items()}
+    if preset:
+        flat.update(load_preset(preset))
+    flat.update(overrides or {})
+    sections: dict[str, dict] = {s: {} for s in ("engine", "model", "data", "recipe")}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            raise ConfigError(f"unknown key {key!r}: keys look like section.name with section one of "
+                              f"{', '.join(sections)}")
+        sections[section][name] = value
+    return RunSpec(recipe_name, *(build(SECTIONS[s], sections[s], s) for s in ("engine", "model", "data")),
+                   build(info.config, sections["recipe"], "recipe"))

@@ -1,0 +1,40 @@
+"""End to end through a real local Ray: 2 Train workers, real data stream, checkpoints, resume."""
+import os
+
+import pytest
+import torch
+
+from sslab.platform.engine import STATE_FILE
+from sslab.platform.launch import train
+from sslab.platform.spec import make_spec
+
+pytestmark = pytest.mark.ray
+
+FAST = {"engine.batch_size": 16, "engine.workers": 2, "engine.cpus_per_worker": 0.5, "engine.knn_k": 10,
+        "engine.log_every": 2, "model.width": 4, "recipe.hidden": 16, "recipe.dim": 8, "data.batch_rows": 32}
+
+
+def _spec(data, **extra):
+    return make_spec("simclr", {"data.path": data, **FAST, **extra})
+
+
+def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_path):
+    storage = str(tmp_path / "runs")
+    first = train(_spec(tiny_dataset, **{"engine.epochs": 1}), name="e2e", storage=storage)
+    assert first.error is None
+    m = first.metrics
+    assert m["epoch"] == 1 and m["step"] == 96 // 16 and torch.isfinite(torch.tensor(m["loss"]))
+    assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["knn_top1_pixels"] <= 1.0
+    state = torch.load(os.path.join(first.checkpoint.path, STATE_FILE), weights_only=False)
+    assert state["epoch"] == 0 and state["global_step"] == 6
+    assert os.listdir(os.path.join(storage, "e2e", "tensorboard")), "rank 0 writes TensorBoard events"
+
+    # the same name with more epochs resumes from the checkpoint instead of starting again
+    second = train(_spec(tiny_dataset, **{"engine.epochs": 2}), name="e2e", storage=storage)
+    assert second.error is None
+    assert second.metrics["epoch"] == 2 and second.metrics["step"] == 12  # 6 steps more, not 12
+    resumed = torch.load(os.path.join(second.checkpoint.path, STATE_FILE), weights_only=False)
+    assert resumed["epoch"] == 1
+    # training moved the weights on from the first checkpoint
+    w0 = state["recipe"]["backbone.body.0.weight"]
+    assert not torch.equal(w0, resumed["recipe"]["backbone.body.0.weight"])
