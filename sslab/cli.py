@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from .config import ConfigError, parse_overrides
+
+# modules adding their own sub-commands: each defines add_commands(subparsers), registering parsers whose
+# `fn` default is called with the parsed args (see the train parser below for the shape)
+EXTENSIONS: list[str] = []
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +65,11 @@ def cmd_train(args) -> int:
     from .platform.report import summarize
 
     spec = _spec_from_args(args)
-    result = train(spec, name=args.name, storage=args.storage, address=args.address)
+    try:
+        result = train(spec, name=args.name, storage=args.storage, address=args.address)
+    except Exception as e:  # Ray Train's worker-group failure: its message carries the workers' tracebacks
+        print(f"[sslab] run failed: {e}", file=sys.stderr)
+        return 1
     return summarize(result)
 
 
@@ -121,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = d.add_parser("info", help="summarise a prepared dataset")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_data_info)
+    for module in EXTENSIONS:
+        importlib.import_module(module).add_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`--epochs 1 recipe.temperature=0.2`); argparse leaves those
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as e:

@@ -91,11 +91,21 @@ def tiny_dataset(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A real local Ray instance (no dashboard), shut down after the module's tests."""
+@pytest.fixture(scope="session")
+def _ray_session():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_session):
+    """A real local Ray instance (no dashboard) shared by the session's tests; started again if a test (say a
+    multi-node cluster test) shut it down. Shut down when the session ends."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
-    ray.shutdown()

@@ -54,6 +54,9 @@ def train_dataset(cfg: DataConfig, manifest, viewset):
     """The training stream: shards read in a shuffled file and block order each epoch, augmented by tasks."""
     import ray.data
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False      # workers print their own progress lines; bars interleave badly in logs
+    ctx.print_on_execution_start = False
     ds = ray.data.read_parquet(manifest.files("train"), shuffle="files").select_columns(["image", "index", "label"])
     if cfg.limit:
         ds = ds.limit(cfg.limit)

@@ -17,7 +17,7 @@ from ..recipes.backbones import build_backbone
 from ..recipes.registry import RecipeContext
 from . import dist
 from .evaluate import eval_split, extract, knn_accuracy, pixel_knn
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, cosine_ramp, lr_at
 from .spec import RunSpec
 
 STATE_FILE = "state.pt"
@@ -31,7 +31,7 @@ def build_recipe(spec: RunSpec, manifest, image_size: int) -> torch.nn.Module:
     info = registry.get(spec.recipe_name)
     ctx = RecipeContext(make_backbone=lambda: build_backbone(spec.model, manifest.channels, image_size),
                         num_train=manifest.count("train"), channels=manifest.channels, image_size=image_size,
-                        epochs=spec.engine.epochs)
+                        epochs=spec.engine.epochs, batch_size=spec.engine.batch_size)
     return info.cls(spec.recipe, ctx)
 
 
@@ -92,10 +92,10 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             print(f"[sslab] resumed from checkpoint after epoch {state['epoch'] + 1} (step {step})", flush=True)
 
-    # the data-parallel wrapper only averages gradients; recipe state (queues, banks) is kept identical by the
-    # recipes themselves, so buffers are not re-broadcast every step
+    # the data-parallel wrapper syncs buffers once at start and then only averages gradients; recipe state
+    # (queues, banks, centres) is kept identical by the recipes themselves, not re-broadcast every step
     model = ray.train.torch.prepare_model(recipe, move_to_device=False,
-                                          parallel_strategy_kwargs={"broadcast_buffers": False})
+                                          parallel_strategy_kwargs={"forward_sync_buffers": False})
     if eng.compile:
         model = torch.compile(model)
 
@@ -130,8 +130,12 @@ def train_worker(config: dict) -> None:
                 break
             progress = step / total
             lr = lr_at(step, total, warmup, peak_lr, eng.final_lr_ratio)
+            wd = eng.weight_decay if eng.weight_decay_end < 0 else \
+                cosine_ramp(progress, eng.weight_decay, eng.weight_decay_end)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+                if g["decay"]:  # groups without decay (biases, norms) stay without
+                    g["weight_decay"] = wd
             views = [prepare(batch[c]) for c in columns]
             meta = {k: batch[k].to(device) for k in ("index", "label")}
             with autocast:
@@ -141,6 +145,8 @@ def train_worker(config: dict) -> None:
                 raise TrainingStopped(_stop_message("loss is not finite", f"{loss.item()}", epoch, step, config))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if hasattr(recipe, "before_optimizer_step"):
+                recipe.before_optimizer_step(progress)
             if eng.clip_grad:
                 torch.nn.utils.clip_grad_norm_(recipe.parameters(), eng.clip_grad)
             optimizer.step()

@@ -57,7 +57,13 @@ def validate(spec: RunSpec, workers: int):
     size = spec.data.crop_size or manifest.image_size[0]
     if size > manifest.image_size[0]:
         raise ConfigError(f"data.crop_size={size} is larger than the stored images ({manifest.image_size[0]} px)")
-    registry.get(spec.recipe_name).views(spec.recipe, spec.data, size)  # view specs validate their ranges
+    info = registry.get(spec.recipe_name)
+    try:
+        info.views(spec.recipe, spec.data, size)  # view specs validate their ranges
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if hasattr(info.cls, "check_spec"):
+        info.cls.check_spec(spec, manifest)
     return manifest
 
 
@@ -73,7 +79,8 @@ def init_ray(address: str | None, want_cpus: float):
         ray.init(address=address, log_to_driver=True)
         return
     num_cpus = max(os.cpu_count() or 1, int(want_cpus + 0.999) + 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    # the dashboard listens on 127.0.0.1 only; Train V2's placement-group cleaner queries its state API
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
 
 

@@ -2,6 +2,7 @@
 paper settings, a preset and dotted overrides, in that order."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ class EngineConfig:
                           min_exclusive=True)
     momentum: float = knob(0.9, "SGD/LARS momentum", min=0.0, max=1.0)
     weight_decay: float = knob(1e-6, "weight decay (not on biases and norm parameters)", min=0.0)
+    weight_decay_end: float = knob(-1.0, "cosine weight-decay schedule ends here (DINO); -1 = constant", min=-1.0)
     warmup_epochs: float = knob(1.0, "linear learning-rate warm-up before the cosine decay", min=0.0)
     final_lr_ratio: float = knob(0.0, "cosine decay ends at this fraction of the peak", min=0.0, max=1.0)
     clip_grad: float = knob(0.0, "clip the gradient norm to this value (0 = off)", min=0.0)
@@ -76,6 +78,9 @@ def make_spec(recipe_name: str, overrides: dict[str, Any] | None = None, preset:
     if preset:
         flat.update(load_preset(preset))
     flat.update(overrides or {})
+    path = str(flat.get("data.path", ""))
+    if path and "://" not in path:
+        flat["data.path"] = os.path.abspath(os.path.expanduser(path))  # workers run in another directory
     sections: dict[str, dict] = {s: {} for s in ("engine", "model", "data", "recipe")}
     for key, value in flat.items():
         section, _, name = key.partition(".")

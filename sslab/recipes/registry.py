@@ -1,8 +1,18 @@
 """The recipe registry and the small protocol the engine knows recipes by.
 
-A recipe is a plain ``nn.Module``: ``forward(views, batch, progress) -> StepOut`` computes one step's loss,
-``after_step(progress)`` updates non-gradient state (EMA targets, queues, banks, centres), ``encoder()`` returns the
-backbone that evaluation and export use. Recipes know nothing of Ray; they get their device from the engine.
+A recipe is a plain ``nn.Module``:
+- ``forward(views, batch, progress) -> StepOut`` computes one step's loss. ``views`` is a list of normalised
+  float tensors, one per view column (multi-crop: globals first); ``batch`` holds "index" and "label" [n];
+  ``progress`` in [0, 1] drives every schedule (momentum, temperatures), so resume is exact.
+- ``encoder()`` returns the backbone that evaluation and export use.
+Optional hooks the engine calls when a recipe defines them:
+- ``before_optimizer_step(progress)``: after backward, before clipping and the step (DINO zeroes the last layer's
+  gradient in the first epoch; SwAV freezes its prototypes).
+- ``after_step(progress)``: non-gradient state updates (EMA targets, queues, banks, centres).
+- ``check_spec(spec, manifest)`` (static): checks needing the engine/data settings, e.g. a queue length that
+  must divide by the global batch; raise ``ConfigError``. Runs before any cluster time is spent.
+Recipes know nothing of Ray and never import torch.distributed; they get their device from the engine and
+their collectives from ``sslab.platform.dist``.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ class RecipeContext:
     channels: int
     image_size: int
     epochs: int
+    batch_size: int                         # global batch, all workers together
 
 
 @dataclass(frozen=True)
