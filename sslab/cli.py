@@ -67,6 +67,8 @@ def cmd_train(args) -> int:
     spec = _spec_from_args(args)
     try:
         result = train(spec, name=args.name, storage=args.storage, address=args.address)
+    except (ConfigError, FileNotFoundError, FileExistsError):
+        raise  # found before any cluster time was spent: main() prints them as usage errors
     except Exception as e:  # Ray Train's worker-group failure: its message carries the workers' tracebacks
         print(f"[sslab] run failed: {e}", file=sys.stderr)
         return 1
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"sslab: error: {e}", file=sys.stderr)
         return 2
 

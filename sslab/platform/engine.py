@@ -118,6 +118,10 @@ def train_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=eng.amp and device.type == "cuda")
     baseline = None
+    # the kNN monitor needs labels and a held-out split; unlabelled folders train without it
+    knn_on = bool(eng.knn_every) and manifest.num_classes > 0 and manifest.count("test") > 0
+    if rank == 0 and eng.knn_every and not knn_on:
+        print("[sslab] kNN monitor off: the dataset has no labels or no test split", flush=True)
 
     for epoch in range(start_epoch, eng.epochs):
         model.train()
@@ -176,7 +180,7 @@ def train_worker(config: dict) -> None:
                    "images_per_s": seen / elapsed, "epoch_s": elapsed, "collapse_score": score}
         for k, v in (out.metrics.items() if n_steps else ()):
             metrics[k] = float(v)
-        if eng.knn_every and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == eng.epochs):
+        if knn_on and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == eng.epochs):
             metrics["knn_top1"] = knn_monitor(recipe.encoder(), spec, manifest, prepare)
             if baseline is None:
                 baseline = pixel_knn(spec.data.path, manifest.num_classes, eng.knn_bank, eng.knn_queries,

@@ -1,0 +1,51 @@
+"""The `sslab` command as a user types it (no Ray here: data preparation, listings, config errors)."""
+import json
+import os
+
+from conftest import make_image_folder
+
+from sslab.cli import main
+
+
+def test_prepare_folder_skips_corrupt_and_refuses_overwrite(tmp_path, capsys):
+    src = make_image_folder(str(tmp_path / "imgs"), n_per_class=5, mode="RGB")
+    with open(os.path.join(src, "a", "broken.png"), "wb") as fh:
+        fh.write(b"not a png at all")
+    out = str(tmp_path / "shards")
+    assert main(["data", "prepare", "folder", src, "--out", out, "--size", "12", "--test-fraction", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert '"num_skipped": 1' in printed and "broken.png" in printed     # the summary names what was skipped
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["num_skipped"] == 1 and manifest["skipped"][0]["origin"].endswith("broken.png")
+    assert sum(s["count"] for s in manifest["splits"].values()) == 10
+    assert manifest["image_size"] == [12, 12] and manifest["channels"] == 3
+    # a second run without --force refuses, naming the flag; with --force it rewrites
+    assert main(["data", "prepare", "folder", src, "--out", out, "--size", "12"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["data", "prepare", "folder", src, "--out", out, "--size", "12", "--force"]) == 0
+
+
+def test_prepare_empty_folder_is_a_clear_error(tmp_path, capsys):
+    os.makedirs(tmp_path / "empty")
+    assert main(["data", "prepare", "folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_train_with_bad_config_fails_before_ray(tiny_dataset, capsys):
+    import ray
+
+    assert main(["train", "simclr", "--data", tiny_dataset, "recipe.temperature=-1"]) == 2
+    assert "recipe.temperature must be > 0" in capsys.readouterr().err
+    assert main(["train", "simclr", "--data", tiny_dataset, "--batch-size", "15", "--workers", "2"]) == 2
+    assert "divisible" in capsys.readouterr().err
+    assert main(["train", "simclr", "--data", "/nonexistent/dir"]) == 2
+    assert "sslab data prepare" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_recipes_and_config_listing(capsys):
+    assert main(["recipes"]) == 0
+    assert "simclr" in capsys.readouterr().out
+    assert main(["config", "simclr", "--data", "/x", "recipe.temperature=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe.temperature = 0.3" in out and "NT-Xent temperature" in out
