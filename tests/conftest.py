@@ -107,5 +107,7 @@ def local_ray(_ray_session):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+        from sslab.platform.launch import RUNTIME_ENV
+
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, runtime_env=RUNTIME_ENV)
     yield ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -29,9 +30,11 @@ class TrainingStopped(RuntimeError):
 
 def build_recipe(spec: RunSpec, manifest, image_size: int) -> torch.nn.Module:
     info = registry.get(spec.recipe_name)
-    ctx = RecipeContext(make_backbone=lambda: build_backbone(spec.model, manifest.channels, image_size),
+    ctx = RecipeContext(make_backbone=lambda in_chans=manifest.channels: build_backbone(spec.model, in_chans,
+                                                                                       image_size),
                         num_train=manifest.count("train"), channels=manifest.channels, image_size=image_size,
-                        epochs=spec.engine.epochs, batch_size=spec.engine.batch_size)
+                        epochs=spec.engine.epochs, batch_size=spec.engine.batch_size,
+                        mean=tuple(manifest.mean), std=tuple(manifest.std))
     return info.cls(spec.recipe, ctx)
 
 
@@ -73,7 +76,8 @@ def train_worker(config: dict) -> None:
     columns = viewset.columns
 
     recipe = build_recipe(spec, manifest, image_size).to(device)
-    if eng.use_gpu and world > 1:
+    # cross-GPU BN statistics, except for recipes that must keep BN per worker (MoCo's shuffle-BN sets sync_bn=False)
+    if eng.use_gpu and world > 1 and getattr(recipe, "sync_bn", True):
         recipe = torch.nn.SyncBatchNorm.convert_sync_batchnorm(recipe)  # raises on CPU tensors: GPU only
     if eng.channels_last and device.type == "cuda":
         recipe = recipe.to(memory_format=torch.channels_last)
@@ -82,13 +86,17 @@ def train_worker(config: dict) -> None:
     optimizer = build_optimizer(eng.optimizer, recipe, peak_lr, eng.momentum, eng.weight_decay)
 
     start_epoch, step = 0, 0
+    good = None  # (path, epoch, step) of the last checkpoint a resume would start from
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and eng.resume_from:  # a new run branching off another run's checkpoint (PBT's exploit)
+        ckpt = ray.train.Checkpoint(eng.resume_from)
     if ckpt:
         with ckpt.as_directory() as d:
             state = load_state(d, device)
         recipe.load_state_dict(state["recipe"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["global_step"]
+        good = (ckpt.path, start_epoch, step)
         if rank == 0:
             print(f"[sslab] resumed from checkpoint after epoch {state['epoch'] + 1} (step {step})", flush=True)
 
@@ -106,11 +114,7 @@ def train_worker(config: dict) -> None:
         x = normalize(x.to(device, non_blocking=True), mean, std)
         return x.contiguous(memory_format=torch.channels_last) if eng.channels_last and device.type == "cuda" else x
 
-    writer = None
-    if rank == 0 and config.get("log_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(config["log_dir"])
+    writer = TensorBoard(config["log_dir"]) if rank == 0 and config.get("log_dir") else None
     spe = steps_per_epoch(spec, manifest.count("train"))
     if spe < 1:
         raise ValueError(f"batch_size {eng.batch_size} is larger than the training set")
@@ -123,12 +127,16 @@ def train_worker(config: dict) -> None:
     if rank == 0 and eng.knn_every and not knn_on:
         print("[sslab] kNN monitor off: the dataset has no labels or no test split", flush=True)
 
-    for epoch in range(start_epoch, eng.epochs):
+    last = min(eng.stop_after_epoch or eng.epochs, eng.epochs)  # a segment ends early; schedules span all epochs
+    for epoch in range(start_epoch, last):
         model.train()
         t0, seen, loss_sum, n_steps, embedding = time.perf_counter(), 0, 0.0, 0, None
-        it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True))
+        # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
+        it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, pin_memory=device.type == "cuda"))
         for i in range(spe):
             batch = next(it, None)
+            if eng.fault_step and step == eng.fault_step - 1:
+                inject_fault(config.get("run_dir"), rank, world, step)
             # every rank must take the same number of steps, or a collective hangs: stop together
             if not dist.all_true(batch is not None and batch[columns[0]].shape[0] == local_batch, device):
                 break
@@ -146,7 +154,7 @@ def train_worker(config: dict) -> None:
                 out = model(views, meta, progress)
             loss = out.loss
             if not dist.all_true(bool(torch.isfinite(loss.detach())), device):  # all ranks stop together
-                raise TrainingStopped(_stop_message("loss is not finite", f"{loss.item()}", epoch, step, config))
+                raise TrainingStopped(_stop_message("loss is not finite", f"{loss.item()}", epoch, step, config, good))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if hasattr(recipe, "before_optimizer_step"):
@@ -180,7 +188,7 @@ def train_worker(config: dict) -> None:
                    "images_per_s": seen / elapsed, "epoch_s": elapsed, "collapse_score": score}
         for k, v in (out.metrics.items() if n_steps else ()):
             metrics[k] = float(v)
-        if knn_on and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == eng.epochs):
+        if knn_on and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == last):
             metrics["knn_top1"] = knn_monitor(recipe.encoder(), spec, manifest, prepare)
             if baseline is None:
                 baseline = pixel_knn(spec.data.path, manifest.num_classes, eng.knn_bank, eng.knn_queries,
@@ -190,7 +198,7 @@ def train_worker(config: dict) -> None:
             for k, v in metrics.items():
                 if k not in ("epoch", "step") and math.isfinite(v):
                     writer.add_scalar(k, v, epoch + 1)
-            writer.flush()
+            writer.flush()  # and, for a URI run directory, upload
         if rank == 0:
             knn = f" knn_top1 {metrics['knn_top1']:.4f} (raw pixels {baseline:.4f})" if "knn_top1" in metrics else ""
             print(f"[sslab] epoch {epoch + 1}/{eng.epochs} done: loss {metrics['loss']:.4f} "
@@ -202,12 +210,62 @@ def train_worker(config: dict) -> None:
                 save_state(tmp, recipe, optimizer, epoch, step, spec)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if not collapsed:  # rank 0 knows where it was persisted; every rank knows which one it is
+            good = (ray.train.get_checkpoint().path if checkpoint else None, epoch + 1, step)
         if collapsed:
             raise TrainingStopped(_stop_message("representation collapsed: collapse_score",
                                                 f"{score:.4f} < engine.collapse_threshold {eng.collapse_threshold}",
-                                                epoch, step, config))
+                                                epoch, step, config, good))
     if writer:
         writer.close()
+
+
+class TensorBoard:
+    """Rank 0's SummaryWriter. For a URI log_dir (s3://, gs://, file://) events go to a local temp dir and
+    `flush()` copies them up with pyarrow.fs: event files only grow, so each copy replaces the last one."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = log_dir if "://" in log_dir else None
+        self.local = tempfile.mkdtemp(prefix="sslab-tb-") if self.remote else log_dir
+        self.writer = SummaryWriter(self.local)
+
+    def __getattr__(self, name):  # add_scalar, add_image, ...
+        return getattr(self.writer, name)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(self.remote)
+            fs.create_dir(path, recursive=True)
+            pyarrow.fs.copy_files(self.local, path, destination_filesystem=fs)
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def inject_fault(run_dir: str | None, rank: int, world: int, step: int) -> None:
+    """Test-only (engine.fault_step): the last rank's process dies before that step, the first time only, as a
+    lost worker would. A marker in the run directory (shared by every node) keeps the restarted group alive."""
+    if rank != world - 1 or not run_dir:
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    marker = f"{path}/fault_injected"
+    if fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
+        return
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(f"rank {rank} exited before step {step + 1} at {time.time():.3f}\n".encode())
+    print(f"[sslab] fault injected: rank {rank} exits before step {step + 1}", flush=True)
+    os._exit(1)
 
 
 def knn_monitor(encoder, spec: RunSpec, manifest, prepare) -> float:
@@ -223,7 +281,13 @@ def knn_monitor(encoder, spec: RunSpec, manifest, prepare) -> float:
     return knn_accuracy(bank, bank_y, queries, query_y, manifest.num_classes, eng.knn_k, eng.knn_t)
 
 
-def _stop_message(what: str, value: str, epoch: int, step: int, config: dict) -> str:
-    return (f"training stopped at epoch {epoch + 1}, step {step}: {what} ({value}). The last good checkpoint is "
-            f"the latest one under {config.get('run_dir', 'the run directory')} (epoch {epoch} or earlier); "
-            f"lower the learning rate or check the recipe's settings before resuming.")
+def _stop_message(what: str, value: str, epoch: int, step: int, config: dict, good) -> str:
+    """Short enough to survive Ray's truncation of worker errors (the last 500 characters are kept)."""
+    if good is None:
+        last = "No checkpoint was saved before it: start again"
+    else:
+        path, good_epoch, good_step = good
+        where = path or f"the latest under {config.get('run_dir', 'the run directory')}"
+        last = f"Last good checkpoint: {where} (epoch {good_epoch}, step {good_step})"
+    return (f"training stopped at epoch {epoch + 1}, step {step}: {what} ({value}). {last}; lower the learning "
+            f"rate or check the recipe's settings before resuming.")

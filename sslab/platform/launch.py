@@ -47,6 +47,9 @@ def validate(spec: RunSpec, workers: int):
     """Checks that need the data: everything a worker would trip over, found before any cluster time is spent."""
     manifest = read_manifest(spec.data.path)
     eng = spec.engine
+    if eng.worker_resource in ("CPU", "GPU", "memory", "object_store_memory"):
+        raise ConfigError(f"engine.worker_resource={eng.worker_resource!r} must name a custom resource; "
+                          f"CPUs and GPUs are set by engine.cpus_per_worker and engine.use_gpu")
     if eng.batch_size % workers:
         raise ConfigError(f"engine.batch_size={eng.batch_size} must be divisible by the {workers} workers")
     if eng.batch_size // workers < 2:
@@ -67,21 +70,27 @@ def validate(spec: RunSpec, workers: int):
     return manifest
 
 
+# Train V2 re-routes worker print() into its logger and also tees it to the (wrapped) stdout, so every progress
+# line would reach the console twice; plain prints are forwarded by Ray once.
+RUNTIME_ENV = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
 def init_ray(address: str | None, want_cpus: float):
-    """Join `address` (ray://host:10001 or auto), or start a local instance sized so Train workers and the data
-    pipeline both fit. Logical CPUs are over-subscribed a little on small machines: the OS shares the cores,
-    and Ray would otherwise leave no slot for the decode tasks."""
+    """Join `address` (ray://host:10001, auto, or $RAY_ADDRESS when not given), or start a local instance
+    sized so Train workers and the data pipeline both fit. Logical CPUs are over-subscribed a little on small
+    machines: the OS shares the cores, and Ray would otherwise leave no slot for the decode tasks."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for drivers started by `ray job submit`
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
         return
     num_cpus = max(os.cpu_count() or 1, int(want_cpus + 0.999) + 1)
     # the dashboard listens on 127.0.0.1 only; Train V2's placement-group cleaner queries its state API
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env=RUNTIME_ENV)
 
 
 def run_name(spec: RunSpec, name: str | None) -> str:
@@ -106,7 +115,7 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
         validate(spec, placement.workers)
 
     run_dir = f"{storage.rstrip('/')}/{name}"
-    log_dir = run_dir + "/tensorboard" if "://" not in run_dir else None
+    log_dir = run_dir + "/tensorboard"  # a URI too: rank 0 writes locally and uploads every epoch
     viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data,
                                                   spec.data.crop_size or manifest.image_size[0])
     config = spec.to_dict() | {"log_dir": log_dir, "run_dir": run_dir}
@@ -114,13 +123,13 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
           f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
           f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
     print(f"[sslab] checkpoints and metrics: {run_dir}")
-    if log_dir:
-        print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
+    print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=placement.workers, use_gpu=placement.use_gpu,
-                                     resources_per_worker={"CPU": placement.cpus_per_worker}),
+                                     resources_per_worker={"CPU": placement.cpus_per_worker} |
+                                     ({spec.engine.worker_resource: 1} if spec.engine.worker_resource else {})),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.engine.checkpoint_keep),
                              failure_config=FailureConfig(max_failures=spec.engine.max_failures)),

@@ -35,12 +35,14 @@ class StepOut:
 @dataclass(frozen=True)
 class RecipeContext:
     """What a recipe may know about its run, handed over by the engine."""
-    make_backbone: Callable[[], nn.Module]  # a fresh backbone with attribute .feat_dim
+    make_backbone: Callable[..., nn.Module]  # make_backbone(in_chans=channels): fresh backbone with .feat_dim
     num_train: int                          # training images (memory banks need one slot each)
     channels: int
     image_size: int
     epochs: int
     batch_size: int                         # global batch, all workers together
+    mean: tuple[float, ...] = ()            # per-channel normalisation of the views: x = (pixel/255 - mean) / std;
+    std: tuple[float, ...] = ()             # () = none (CMC undoes it to convert RGB to Lab)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ SIZE, CHANNELS, N = 16, 1, 8
 def tiny_recipe(name, seed=0, **cfg):
     info = registry.get(name)
     torch.manual_seed(seed)
-    ctx = RecipeContext(make_backbone=lambda: build_backbone(ModelConfig(width=4, patch_size=4, depth=2), CHANNELS, SIZE),
-                        num_train=64, channels=CHANNELS, image_size=SIZE, epochs=2, batch_size=N)
+    ctx = RecipeContext(make_backbone=lambda in_chans=CHANNELS: build_backbone(ModelConfig(width=4, patch_size=4, depth=2),
+                                                                               in_chans, SIZE),
+                        num_train=64, channels=CHANNELS, image_size=SIZE, epochs=2, batch_size=N,
+                        mean=(0.5,), std=(0.25,))
     recipe_cfg = info.config(**cfg)
     return info.cls(recipe_cfg, ctx), info.views(recipe_cfg, DataConfig(path="x"), SIZE)
 

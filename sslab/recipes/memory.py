@@ -1,0 +1,86 @@
+"""The memory bank and NCE loss of non-parametric instance discrimination (Wu et al. 2018, sec. 3.2-3.3), shared by
+InstDisc and CMC.
+
+A bank holds one unit-norm row per training image, addressed by the shard's stable index; rows, the normaliser Z
+and the negatives' seed and step counter are buffers, so a checkpoint resumes the exact stream. A step:
+- `negatives(n, k)`: K noise indices per sample, uniform over the bank with replacement (the paper's P_n = 1/size).
+  The generator is seeded by (seed, steps) and draws for the whole global batch; each rank keeps its own rows, so
+  the draws of sample j are those one process holding the global batch would make, on any number of workers.
+- `nce(f, index, neg, tau)`: the NCE loss of features f against rows (positive: the sample's own row). The first
+  call estimates Z from that batch over all ranks and keeps it fixed, as in the paper.
+- `stage(f, index)` gathers the global batch's features and indices (a collective, run by every rank in forward);
+  `update()` (the recipe's after_step) applies the proximal update v <- normalise(m v + (1 - m) f) to all of them,
+  so every replica's bank stays identical without any broadcast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..platform import dist
+
+
+def nce_loss(pos: torch.Tensor, neg: torch.Tensor, log_z: torch.Tensor | float, num_data: int) -> torch.Tensor:
+    """NCE over logits s/tau (Wu et al. 2018, sec. 3.2): pos [n] for the positive rows, neg [n, K] for the noise.
+
+    P(i|v) = exp(s/tau) / Z,  h = P / (P + K P_n) with P_n = 1/num_data,
+    J = -mean_i [ log h(pos_i) + sum_k log(1 - h(neg_ik)) ].
+    With c = K P_n: log h = -softplus(log c - log P) and log(1 - h) = -softplus(log P - log c), stable for any P.
+    """
+    log_c = math.log(neg.shape[1] / num_data)
+    log_pos, log_neg = pos - log_z, neg - log_z
+    return (F.softplus(log_c - log_pos) + F.softplus(log_neg - log_c).sum(1)).mean()
+
+
+class MemoryBank(nn.Module):
+    """`size` unit rows of width `dim`, random at the start; proximal momentum `momentum` (0.5 in the paper)."""
+
+    def __init__(self, size: int, dim: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))   # [size, dim]
+        self.register_buffer("z", torch.zeros(()))                                  # NCE normaliser Z
+        self.register_buffer("z_set", torch.zeros((), dtype=torch.bool))
+        # from the run's seed (the engine seeds every worker alike): the negatives' stream, resumed exactly
+        self.register_buffer("seed", torch.randint(0, 2**62, ()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._staged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def negatives(self, n: int, k: int) -> torch.Tensor:
+        """long [n, k]: this rank's rows of the step's global [world * n, k] draw."""
+        dev = self.rows.device
+        g = torch.Generator(device=dev).manual_seed(int(self.seed) + int(self.steps))
+        idx = torch.randint(self.rows.shape[0], (dist.world_size() * n, k), generator=g, device=dev)
+        return idx[dist.rank() * n:(dist.rank() + 1) * n]
+
+    def nce(self, f: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+        """NCE loss of unit features f [n, d] (gradient flows to f only: rows are constants)."""
+        f = f.float()
+        with torch.autocast(f.device.type, enabled=False):                   # tau = 0.07 needs float32 scores
+            idx = torch.cat([index.view(-1, 1), neg], 1)                     # [n, 1 + K]: the positive first
+            if self.rows.shape[0] <= idx.shape[1] * f.shape[1]:              # small bank: score all rows, pick
+                s = (f @ self.rows.T).gather(1, idx)
+            else:                                                            # large bank: fetch n(1+K) rows
+                s = torch.einsum("nd,nkd->nk", f, self.rows[idx])
+            logits = s / tau                                                 # [n, 1 + K]
+            if not self.z_set:  # Z ~ size * E[exp(v.f / tau)], from the first global batch (sec. 3.2)
+                mean = dist.all_reduce(logits.detach().exp().mean().view(1), "mean")
+                self.z.copy_(mean[0] * self.rows.shape[0])
+                self.z_set.fill_(True)
+            return nce_loss(logits[:, 0], logits[:, 1:], self.z.log(), self.rows.shape[0])
+
+    @torch.no_grad()
+    def stage(self, f: torch.Tensor, index: torch.Tensor) -> None:
+        self._staged = dist.gather(f.detach().float()), dist.gather(index)   # [N, d], [N]: the global batch
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self._staged is not None:
+            f, index = self._staged
+            v = self.momentum * self.rows[index] + (1 - self.momentum) * f
+            self.rows.index_copy_(0, index, F.normalize(v, dim=1))
+            self._staged = None
+        self.steps += 1

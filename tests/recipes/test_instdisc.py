@@ -1,0 +1,166 @@
+"""InstDisc and the shared memory bank: NCE against a plain float64 reference, the proximal update, the negatives'
+stream, and 2 gloo workers equal to one process on the global batch (loss, gradients, bank, Z)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslab.platform import dist
+from sslab.recipes.instdisc import InstDisc, InstDiscConfig
+from sslab.recipes.memory import MemoryBank, nce_loss
+from sslab.recipes.registry import RecipeContext
+
+
+class FlatLinear(nn.Module):
+    """A BN-free encoder: per-sample outputs do not depend on the rest of the batch."""
+
+    def __init__(self, in_features, feat_dim=8):
+        super().__init__()
+        self.fc = nn.Linear(in_features, feat_dim)
+        self.feat_dim = feat_dim
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def tiny_ctx(channels=1, size=4, num_train=32, mean=(), std=()):
+    return RecipeContext(make_backbone=lambda in_chans=channels: FlatLinear(in_chans * size * size),
+                         num_train=num_train, channels=channels, image_size=size, epochs=1, batch_size=8,
+                         mean=mean, std=std)
+
+
+def reference_nce(f, rows, index, neg, tau, z=None):
+    """Wu et al. 2018, sec. 3.2, written out per sample in float64. Returns (loss, Z); Z is estimated from this
+    batch (mean of exp(v.f/tau) over every scored row, times the bank size) when not given."""
+    f, rows = f.double(), rows.double()
+    n, k, size = f.shape[0], neg.shape[1], rows.shape[0]
+    scores = [[math.exp(float(rows[j] @ f[i]) / tau) for j in [int(index[i])] + neg[i].tolist()] for i in range(n)]
+    if z is None:
+        z = sum(sum(r) for r in scores) / (n * (k + 1)) * size
+    noise = k / size                                        # K * P_n
+    total = 0.0
+    for i in range(n):
+        p = scores[i][0] / z
+        total -= math.log(p / (p + noise))                  # the data sample is classified as data
+        for e in scores[i][1:]:
+            p = e / z
+            total -= math.log(noise / (p + noise))          # each noise sample as noise
+    return total / n, z
+
+
+@pytest.mark.parametrize("k,tau", [(1, 0.07), (7, 0.07), (5, 0.5)])
+def test_nce_loss_matches_reference(k, tau):
+    g = torch.Generator().manual_seed(k)
+    f = F.normalize(torch.randn(5, 6, generator=g, dtype=torch.float64), dim=1)
+    rows = F.normalize(torch.randn(20, 6, generator=g, dtype=torch.float64), dim=1)
+    index, neg = torch.randint(20, (5,), generator=g), torch.randint(20, (5, k), generator=g)
+    z = 3.7e2
+    ref, _ = reference_nce(f, rows, index, neg, tau, z)
+    pos, negs = (rows[index] * f).sum(1) / tau, torch.einsum("nd,nkd->nk", f, rows[neg]) / tau
+    assert nce_loss(pos, negs, math.log(z), 20).item() == pytest.approx(ref, rel=1e-10)
+
+
+@pytest.mark.parametrize("size", [20, 5000])   # both scoring paths: all rows, and fetched rows
+def test_bank_nce_estimates_z_once(size):
+    torch.manual_seed(0)
+    bank = MemoryBank(size, 6, 0.5)
+    g = torch.Generator().manual_seed(1)
+    f1, f2 = (F.normalize(torch.randn(4, 6, generator=g), dim=1) for _ in range(2))
+    index = torch.randint(size, (4,), generator=g)
+    neg = bank.negatives(4, 9)
+    loss1 = bank.nce(f1, index, neg, 0.07)
+    ref1, z = reference_nce(f1, bank.rows, index, neg, 0.07)
+    assert bool(bank.z_set) and bank.z.item() == pytest.approx(z, rel=1e-5)
+    assert loss1.item() == pytest.approx(ref1, rel=1e-5)
+    loss2 = bank.nce(f2, index, neg, 0.07)                  # Z stays the first batch's
+    assert loss2.item() == pytest.approx(reference_nce(f2, bank.rows, index, neg, 0.07, z)[0], rel=1e-5)
+
+
+def test_bank_proximal_update_and_negatives_stream():
+    torch.manual_seed(0)
+    bank = MemoryBank(10, 4, 0.5)
+    before = bank.rows.clone()
+    first = bank.negatives(3, 5)
+    assert first.shape == (3, 5) and torch.equal(first, bank.negatives(3, 5))   # a step's draw is fixed
+    assert 0 <= first.min() and first.max() < 10
+    f = F.normalize(torch.randn(3, 4), dim=1)
+    index = torch.tensor([7, 2, 5])
+    bank.stage(f, index)
+    bank.update()
+    for i, j in enumerate(index.tolist()):
+        v = 0.5 * before[j].double() + 0.5 * f[i].double()
+        assert torch.allclose(bank.rows[j].double(), v / v.norm(), atol=1e-6)
+    untouched = [j for j in range(10) if j not in index.tolist()]
+    assert torch.equal(bank.rows[untouched], before[untouched])
+    assert int(bank.steps) == 1 and not torch.equal(bank.negatives(3, 5), first)   # the next step draws anew
+
+
+def test_recipe_is_linear_head_on_unit_sphere():
+    torch.manual_seed(0)
+    recipe = InstDisc(InstDiscConfig(nce_k=16), tiny_ctx())
+    x = torch.randn(4, 1, 4, 4)
+    out = recipe([x], {"index": torch.arange(4), "label": torch.zeros(4)}, 0.0)
+    f = F.normalize(recipe.head(recipe.backbone(x)), dim=1)
+    assert isinstance(recipe.head, nn.Linear) and recipe.head.out_features == 128
+    assert torch.allclose(out.embedding, f) and recipe.bank.rows.shape == (32, 128)
+    assert torch.allclose(recipe.bank.rows.norm(dim=1), torch.ones(32))
+
+
+def _steps(rank, world, xs, idxs, recipe_fn, steps=2):
+    """Two training steps on this rank's slice of each global batch, with DDP's gradient averaging spelled out."""
+    torch.manual_seed(0)
+    recipe = recipe_fn()
+    opt = torch.optim.SGD(recipe.parameters(), lr=0.5)
+    out = []
+    for s in range(steps):
+        n = xs[s].shape[0] // world
+        sl = slice(rank * n, (rank + 1) * n)
+        res = recipe([xs[s][sl]], {"index": idxs[s][sl], "label": idxs[s][sl]}, s / steps)
+        opt.zero_grad()
+        res.loss.backward()
+        for p in recipe.parameters():
+            dist.all_reduce(p.grad, "mean")
+        grads = {k: p.grad.clone() for k, p in recipe.named_parameters()}
+        opt.step()
+        recipe.after_step(s / steps)
+        out.append({"loss": res.loss.item(), "grads": grads,
+                    "buffers": {k: v.clone() for k, v in recipe.state_dict().items() if "bank" in k}})
+    return out
+
+
+def _instdisc():
+    return InstDisc(InstDiscConfig(nce_k=16), tiny_ctx())
+
+
+def _instdisc_worker(rank, world, xs, idxs):
+    torch.set_num_threads(1)
+    return _steps(rank, world, xs, idxs, _instdisc)
+
+
+def assert_same_as_single(multi, single):
+    for s, ref in enumerate(single):
+        assert sum(r[s]["loss"] for r in multi) / len(multi) == pytest.approx(ref["loss"], rel=1e-5)
+        for r in multi:
+            for k, g in ref["grads"].items():
+                assert torch.allclose(r[s]["grads"][k], g, rtol=1e-4, atol=1e-6), f"step {s}: grad {k}"
+            for k, b in ref["buffers"].items():   # banks, Z, step counters: identical replicas, equal to 1 process
+                assert torch.allclose(r[s]["buffers"][k].double(), b.double(), rtol=1e-5, atol=1e-6), \
+                    f"step {s}: {k}"
+
+
+def global_batches(channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(8, channels, 4, 4, generator=g) for _ in range(2)]
+    idxs = [torch.randperm(32, generator=g)[:8] for _ in range(2)]
+    idxs[1][:3] = idxs[0][:3]     # rows seen again: the second step reads rows the first one wrote
+    return xs, idxs
+
+
+def test_two_workers_equal_one_process(gloo):
+    xs, idxs = global_batches()
+    single = _steps(0, 1, xs, idxs, _instdisc)
+    assert single[0]["buffers"]["bank.z_set"] and not torch.equal(single[0]["buffers"]["bank.rows"],
+                                                                   single[1]["buffers"]["bank.rows"])
+    assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs), single)
