@@ -30,9 +30,21 @@ _MAX_LISTED_SKIPS = 10000  # manifest lists at most this many skipped files; num
 _MODES = {1: "L", 3: "RGB"}
 
 
-def _sha256(path: Path) -> str:
+def _filesystem(path: Union[str, Path]):
+    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, file://, ...)."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(str(path)) if "://" in str(path) else (fs.LocalFileSystem(), str(path))
+
+
+def _open(path: Union[str, Path]):
+    filesystem, inner = _filesystem(path)
+    return filesystem.open_input_file(inner)
+
+
+def _sha256(path: Union[str, Path]) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -253,7 +265,7 @@ class Manifest:
         checked = 0
         for shards in self.splits.values():
             for f in shards:
-                if _sha256(Path(f.path)) != f.sha256:
+                if _sha256(f.path) != f.sha256:
                     raise ValueError(f"{f.path}: sha256 differs from the manifest (file changed or corrupt); "
                                      f"re-run `sslab data prepare ... --force`")
                 checked += 1
@@ -261,12 +273,17 @@ class Manifest:
 
 
 def read_manifest(data_dir: Union[str, Path]) -> Manifest:
-    root = Path(data_dir).resolve()
-    path = root / MANIFEST
-    if not path.is_file():
+    from pyarrow.fs import FileType
+
+    # a URI stays a URI (shard paths are built on it, for Ray Data and load_split); a local path is made absolute
+    root = str(data_dir).rstrip("/") if "://" in str(data_dir) else str(Path(data_dir).resolve())
+    filesystem, inner = _filesystem(root)
+    path = f"{root}/{MANIFEST}"
+    if filesystem.get_file_info(f"{inner}/{MANIFEST}").type != FileType.File:
         raise FileNotFoundError(f"no {MANIFEST} in {root}: run `sslab data prepare ...` first")
     try:
-        m = json.loads(path.read_text())
+        with filesystem.open_input_stream(f"{inner}/{MANIFEST}") as f:
+            m = json.loads(f.read())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -291,9 +308,9 @@ def read_manifest(data_dir: Union[str, Path]) -> Manifest:
             at = f"splits.{split}.files[{i}]."
             rel = field(f, "path", lambda v: isinstance(v, str) and v and not os.path.isabs(v), "a relative path",
                         at)
-            shard = ShardFile(str(root / rel), field(f, "rows", lambda v: is_int(v) and v >= 0, "an int >= 0", at),
+            shard = ShardFile(f"{root}/{rel}", field(f, "rows", lambda v: is_int(v) and v >= 0, "an int >= 0", at),
                               field(f, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256", at))
-            if not os.path.isfile(shard.path):
+            if filesystem.get_file_info(f"{inner}/{rel}").type != FileType.File:
                 raise FileNotFoundError(f"{shard.path} listed in {path} is missing: re-run `sslab data prepare "
                                         f"... --force`")
             shards.append(shard)
@@ -303,7 +320,7 @@ def read_manifest(data_dir: Union[str, Path]) -> Manifest:
                              f"{sum(s.rows for s in shards)}")
         splits[split] = tuple(shards)
     return Manifest(
-        root=str(root), name=field(m, "name", lambda v: isinstance(v, str), "a string"),
+        root=root, name=field(m, "name", lambda v: isinstance(v, str), "a string"),
         image_size=(size[0], size[1]), channels=channels,
         classes=tuple(field(m, "classes", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
                             "a list of names")),
@@ -345,7 +362,7 @@ def load_split(data_dir: Union[str, Path], split: str, limit: Optional[int] = No
     for path in m.files(split):
         if at >= n:
             break
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for batch in pq.ParquetFile(_open(path)).iter_batches(batch_size=4096):
             take = min(batch.num_rows, n - at)
             if take <= 0:
                 break

@@ -307,3 +307,14 @@ def test_fashion_mnist_prepare_truncated(tmp_path):
     raw = read_idx(SYSTEM_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:200]
     np.testing.assert_array_equal(images[:, 0], raw)
     np.testing.assert_array_equal(labels, read_idx(SYSTEM_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")[:200])
+
+
+def test_dataset_read_through_a_uri(tmp_path):
+    # shards on shared storage: the same manifest and pixels through a pyarrow URI as through the local path
+    make_folder(tmp_path / "src", n=6)
+    prepare(image_folder(tmp_path / "src", size=8, channels=1, test_fraction=0.0), tmp_path / "out", **QUIET)
+    local, uri = read_manifest(tmp_path / "out"), read_manifest(f"file://{tmp_path}/out")
+    assert uri.count("train") == local.count("train") == 6 and uri.files("train")[0].startswith("file://")
+    assert uri.verify_checksums() == len(uri.files("train"))
+    np.testing.assert_array_equal(load_split(f"file://{tmp_path}/out", "train")[0],
+                                  load_split(tmp_path / "out", "train")[0])
