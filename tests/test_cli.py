@@ -31,16 +31,19 @@ def test_prepare_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
-def test_train_with_bad_config_fails_before_ray(tiny_dataset, capsys):
-    import ray
+def test_train_with_bad_config_fails_before_ray(tiny_dataset, capsys, monkeypatch):
+    import sslab.platform.launch as launch
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run whose config is invalid")
+
+    monkeypatch.setattr(launch, "init_ray", no_ray)
     assert main(["train", "simclr", "--data", tiny_dataset, "recipe.temperature=-1"]) == 2
     assert "recipe.temperature must be > 0" in capsys.readouterr().err
     assert main(["train", "simclr", "--data", tiny_dataset, "--batch-size", "15", "--workers", "2"]) == 2
     assert "divisible" in capsys.readouterr().err
     assert main(["train", "simclr", "--data", "/nonexistent/dir"]) == 2
     assert "sslab data prepare" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_recipes_and_config_listing(capsys):
