@@ -61,6 +61,18 @@ def gloo():
     return gloo_run
 
 
+class FlatLinear(torch.nn.Module):
+    """A BN-free encoder for distributed-equivalence tests: per-sample outputs do not depend on the batch."""
+
+    def __init__(self, in_features, feat_dim=6):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_features, feat_dim)
+        self.feat_dim = feat_dim
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
 def make_image_folder(root, n_per_class=8, classes=("a", "b"), size=(20, 16), mode="L", seed=0):
     """Tiny class-structured images: class k has a bright blob in a class-specific place."""
     from PIL import Image

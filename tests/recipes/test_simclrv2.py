@@ -13,19 +13,9 @@ from sslab.platform.spec import make_spec
 from sslab.recipes.registry import RecipeContext
 from sslab.recipes.simclrv2 import SimCLRv2, SimCLRv2Config
 
+from conftest import FlatLinear
+
 SIZE = 4
-
-
-class FlatLinear(nn.Module):
-    """A BN-free encoder: per-sample outputs do not depend on the rest of the batch."""
-
-    def __init__(self, in_features, feat_dim=6):
-        super().__init__()
-        self.fc = nn.Linear(in_features, feat_dim)
-        self.feat_dim = feat_dim
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
 
 
 def make_v2(cfg=None, without_bn=False):
