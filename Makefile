@@ -14,7 +14,7 @@ setup: $(STAMP) fashion-mnist
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tune]'
 	touch $@
 
 # Debian ships Fashion-MNIST as a package; without apt, `sslab data prepare` falls back to torchvision's downloader

@@ -208,3 +208,24 @@ def test_cli_documents_the_syntax_and_rejects_a_missing_knob_before_ray(tiny_dat
                "--epochs", "1", "engine.batch_size=16"])
     assert rc == 2 and "recipe simclr has no key recipe.queue_size" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_optuna_samples_every_named_space_within_its_range():
+    # the searcher `--search optuna` builds, fed our param space: every suggestion lies in the named ranges
+    # (momentum through its 1 - loguniform variable, the queue from its choices)
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = spaces.resolve("mocov2", spaces.parse_space(["temperature,momentum,queue,strength"]), BASE)
+    searcher = OptunaSearch(seed=0)
+    assert searcher.set_search_properties("knn_top1", "max", spaces.param_space(space))
+    ranges = {r.name: r for r in space}
+    for i in range(8):
+        config = searcher.suggest(f"t{i}")
+        assert set(config) == set(ranges)
+        for name, value in config.items():
+            r = ranges[name]
+            if r.kind == "choice":
+                assert value in r.values
+            else:
+                assert r.values[0] <= value <= r.values[1], (name, value)
+        searcher.on_trial_complete(f"t{i}", {"knn_top1": 0.5 + 0.01 * i})
