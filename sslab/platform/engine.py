@@ -131,6 +131,7 @@ def train_worker(config: dict) -> None:
     for epoch in range(start_epoch, last):
         model.train()
         t0, seen, loss_sum, n_steps, embedding = time.perf_counter(), 0, 0.0, 0, None
+        t1 = seen1 = None  # after the epoch's first step: the steady rate leaves the stream's start-up out
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
         it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, pin_memory=device.type == "cuda"))
         for i in range(spe):
@@ -168,6 +169,8 @@ def train_worker(config: dict) -> None:
             n_steps += 1
             seen += local_batch * world
             loss_sum += loss.item()
+            if t1 is None:
+                t1, seen1 = time.perf_counter(), seen
             if out.embedding is not None:
                 embedding = out.embedding
             if writer and epoch == start_epoch and i == 0:
@@ -186,6 +189,8 @@ def train_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "step": step, "loss": dist.all_reduce(mean_loss, "mean").item(),
                    "lr": lr_at(max(0, step - 1), total, warmup, peak_lr, eng.final_lr_ratio),
                    "images_per_s": seen / elapsed, "epoch_s": elapsed, "collapse_score": score}
+        if n_steps > 1:
+            metrics["steady_images_per_s"] = (seen - seen1) / (t0 + elapsed - t1)
         for k, v in (out.metrics.items() if n_steps else ()):
             metrics[k] = float(v)
         if knn_on and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == last):
