@@ -1,12 +1,15 @@
-"""Learning benchmark: every recipe trained on the same data for the same fixed budget, scored by the kNN
-monitor, next to raw pixels and a randomly initialised backbone. Writes Markdown + JSON; long (not a test).
+"""Learning benchmark: every recipe trained on the same data for the same fixed budget, then scored by
+`sslab eval`'s protocols on its final checkpoint (kNN as the monitor, linear probe on frozen features, fine-tuning
+on a class-balanced 10% of the labels), next to raw pixels and a randomly initialised backbone. Writes Markdown +
+JSON; long (not a test). Results accumulate: a recipe already in the JSON is skipped unless --redo.
 
     .venv/bin/python benchmarks/recipes.py --data data/fashion-mnist                 # all recipes, 1 epoch each
-    .venv/bin/python benchmarks/recipes.py --data data/fashion-mnist --recipes simclr,byol --epochs 2
+    .venv/bin/python benchmarks/recipes.py --data data/fashion-mnist --recipes simclr,byol --epochs 2 --redo
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import time
@@ -16,7 +19,8 @@ import torch
 from sslab.config import parse_overrides
 from sslab.datasets.shards import read_manifest
 from sslab.datasets.views import normalize
-from sslab.platform.evaluate import eval_split, extract, knn_accuracy, pixel_knn
+from sslab.platform.evaluate import (eval_split, evaluate_checkpoint, extract, find_checkpoint, knn_accuracy,
+                                    pixel_knn)
 from sslab.platform.launch import train
 from sslab.platform.spec import make_spec
 from sslab.recipes import registry
@@ -45,12 +49,21 @@ def random_init_knn(data: str, width: int, seed: int = 0) -> float:
     return knn_accuracy(extract(net, bx, prep), by, extract(net, qx, prep), qy, m.num_classes, 200, 0.1)
 
 
+def evaluate(checkpoint: str, finetune_epochs: int) -> dict:
+    """`sslab eval --protocol linear finetune --labels 10%` on a run's final checkpoint."""
+    ev = evaluate_checkpoint(checkpoint, None, ("linear", "finetune"), "10%", finetune_epochs=finetune_epochs)
+    return {"linear_top1": ev["linear_top1"], "finetune_top1": ev["finetune_10%_top1"],
+            "finetune_epochs": finetune_epochs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--recipes", default="", help="comma-separated (default: every registered recipe)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="cap each epoch at this many steps (0 = a full pass)")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs on 10%% of the labels")
+    p.add_argument("--redo", action="store_true", help="re-run recipes already in the results")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--storage", default="runs/bench")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every recipe")
@@ -65,6 +78,15 @@ def main() -> None:
         results["_baselines"] = {"raw_pixels": pixel_knn(args.data, m.num_classes, 0, 0, 200, 0.1),
                                  "random_init": random_init_knn(args.data, COMMON["model.width"])}
     for name in names:
+        if name in results and not args.redo:
+            row = results[name]
+            if "linear_top1" not in row and row.get("knn_top1") is not None:  # trained before the eval columns
+                ckpt = row.get("checkpoint") or find_checkpoint(sorted(glob.glob(os.path.join(
+                    args.storage, f"{name}-e{row['epochs']}-*")))[-1])
+                row |= evaluate(ckpt, args.finetune_epochs)
+                json.dump(results, open(json_path, "w"), indent=2)
+            print(f"[bench] {name}: in {json_path} already (--redo to run again)")
+            continue
         overrides = COMMON | PER_RECIPE.get(name, {}) | {"data.path": args.data, "engine.epochs": args.epochs,
                                                         "engine.steps_per_epoch": args.steps}
         overrides |= parse_overrides(args.overrides)
@@ -75,6 +97,9 @@ def main() -> None:
         result = train(spec, name=f"{name}-e{args.epochs}-{int(t0)}", storage=os.path.abspath(args.storage))
         row = {"epochs": args.epochs, "steps": result.metrics.get("step"), "wall_s": round(time.time() - t0), "error": str(result.error or "") or None}
         row.update({k: result.metrics.get(k) for k in ("knn_top1", "loss", "images_per_s", "collapse_score")})
+        if result.checkpoint is not None:
+            row["checkpoint"] = result.checkpoint.path
+            row |= evaluate(result.checkpoint.path, args.finetune_epochs)
         row["settings"] = {k: v for k, v in spec.flat().items() if k.startswith(("engine.optimizer", "engine.base_lr",
                                                                                    "engine.weight_decay", "recipe."))}
         row["departures"] = PER_RECIPE.get(name, {})
@@ -86,15 +111,17 @@ def main() -> None:
 
 def write_table(results: dict, path: str) -> None:
     base = results["_baselines"]
-    lines = ["| recipe | kNN top-1 | vs raw pixels | vs random init | steps | images/s | wall s | departures from paper |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | kNN top-1 | vs raw pixels | vs random init | linear top-1 | 10% fine-tune top-1 | steps "
+             "| images/s | wall s | departures from paper |", "|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: f"{100 * v:.2f}%" if v is not None else "-"
     for name, r in sorted((k, v) for k, v in results.items() if not k.startswith("_")):
         knn = r.get("knn_top1")
         if knn is None:
-            lines.append(f"| {name} | failed: {r.get('error')} | | | | | | |")
+            lines.append(f"| {name} | failed: {r.get('error')} | | | | | | | | |")
             continue
         lines.append(f"| {name} | {100 * knn:.2f}% | {100 * (knn - base['raw_pixels']):+.2f} | "
-                     f"{100 * (knn - base['random_init']):+.2f} | {r['steps']} | {r['images_per_s']:.0f} | "
+                     f"{100 * (knn - base['random_init']):+.2f} | {pct(r.get('linear_top1'))} | "
+                     f"{pct(r.get('finetune_top1'))} | {r['steps']} | {r['images_per_s']:.0f} | "
                      f"{r['wall_s']} | {', '.join(f'{k}={v}' for k, v in r.get('departures', {}).items())} |")
     lines.append(f"\nRaw pixels: {100 * base['raw_pixels']:.2f}%; random-init small CNN (width 16): "
                  f"{100 * base['random_init']:.2f}%.")

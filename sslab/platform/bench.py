@@ -359,7 +359,8 @@ class ReportTimes(_UserCallback):
         with open(self.path, "a") as f:
             f.write(json.dumps({"t": time.time(), "epoch": m.get("epoch"), "step": m.get("step"),
                                 "images_per_s": m.get("images_per_s"),
-                                "steady_images_per_s": m.get("steady_images_per_s")}) + "\n")
+                                "steady_images_per_s": m.get("steady_images_per_s"),
+                                "data_wait_frac": m.get("data_wait_frac")}) + "\n")
 
 
 def bare_loop(spec, steps: int, warmup: int, threads: int, rank: int = 0, world: int = 1) -> float:
@@ -487,7 +488,9 @@ def bench_train(data_dir: str, *, recipe: str = "simclr", overrides: dict | None
     result.update({
         "engine_steps_per_s": _sig(engine), "engine_measure": "epochs 2+, after each epoch's first step",
         "engine_in_epoch_steps_per_s": _sig(in_epoch), "engine_with_reports_steps_per_s": _sig(whole),
-        "engine_wall_s": _sig(wall), "bare_steps_per_s": _sig(bare),
+        "engine_wall_s": _sig(wall),
+        "engine_data_wait_frac": _sig(sum(r["data_wait_frac"] for r in reports[1:]) / (len(reports) - 1)),
+        "bare_steps_per_s": _sig(bare),
         "bare_before_after_steps_per_s": [_sig(n / t) for n, t in zip(bare_steps, bare_s)],
         "ratio": _sig(engine / bare),
         "ratio_in_epoch": _sig(in_epoch / bare), "ratio_with_reports": _sig(whole / bare), "reports": reports,

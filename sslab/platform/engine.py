@@ -132,10 +132,14 @@ def train_worker(config: dict) -> None:
         model.train()
         t0, seen, loss_sum, n_steps, embedding = time.perf_counter(), 0, 0.0, 0, None
         t1 = seen1 = None  # after the epoch's first step: the steady rate leaves the stream's start-up out
+        waited = 0.0       # seconds blocked on the data stream after the first step (the pipeline's share)
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
         it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, pin_memory=device.type == "cuda"))
         for i in range(spe):
+            t_wait = time.perf_counter()
             batch = next(it, None)
+            if t1 is not None:
+                waited += time.perf_counter() - t_wait
             if eng.fault_step and step == eng.fault_step - 1:
                 inject_fault(config.get("run_dir"), rank, world, step)
             # every rank must take the same number of steps, or a collective hangs: stop together
@@ -191,6 +195,7 @@ def train_worker(config: dict) -> None:
                    "images_per_s": seen / elapsed, "epoch_s": elapsed, "collapse_score": score}
         if n_steps > 1:
             metrics["steady_images_per_s"] = (seen - seen1) / (t0 + elapsed - t1)
+            metrics["data_wait_frac"] = waited / (t0 + elapsed - t1)  # of the steady time, spent waiting on data
         for k, v in (out.metrics.items() if n_steps else ()):
             metrics[k] = float(v)
         if knn_on and ((epoch + 1) % eng.knn_every == 0 or epoch + 1 == last):

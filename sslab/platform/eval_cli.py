@@ -153,6 +153,7 @@ def cmd_bench_train(args) -> int:
           f"{'engine, whole epochs (stream restart incl.)':44s} {r['engine_in_epoch_steps_per_s']:.3f}\n"
           f"{'engine, with reports and checkpoints':44s} {r['engine_with_reports_steps_per_s']:.3f}\n"
           f"{'bare PyTorch loop':44s} {r['bare_steps_per_s']:.3f}\n"
+          f"{'engine: share of steady time waiting on data':44s} {r['engine_data_wait_frac']:.3f}\n"
           f"{'ratio engine / bare (goal >= 0.9)':44s} {r['ratio']:.3f}")
     print(f"results: {args.out}")
     return 0

@@ -79,7 +79,7 @@ def test_bench_train_smoke(local_ray, tmp_path):
     assert [rep["epoch"] for rep in r["reports"]] == [1, 2] and [rep["step"] for rep in r["reports"]] == [4, 8]
     assert len(r["bare_before_after_steps_per_s"]) == 2
     for rep in r["reports"]:  # the steady rate leaves out each epoch's first step: never below the whole epoch's
-        assert rep["steady_images_per_s"] >= rep["images_per_s"] > 0
+        assert rep["steady_images_per_s"] >= rep["images_per_s"] > 0 and 0 <= rep["data_wait_frac"] < 1
     for key in ("engine_steps_per_s", "engine_in_epoch_steps_per_s", "engine_with_reports_steps_per_s",
                 "bare_steps_per_s", "ratio", "ratio_in_epoch", "ratio_with_reports"):
         assert math.isfinite(r[key]) and r[key] > 0, key
