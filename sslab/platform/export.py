@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from ..recipes.backbones import build_backbone
+from ..recipes.backbones import build_backbone, timm_model
 
 
 def _in_chans(module: nn.Module) -> int:
@@ -47,13 +47,7 @@ def model_config(model_cfg, in_chans: int, image_size: int) -> dict:
                  "model.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False); " if in_chans != 3 else "")
         return {"library": "torchvision", "model": name, "kwargs": {"weights": None}, "stem": stem,
                 "build": f"model = torchvision.models.{name}(weights=None); {conv1}model.fc = nn.Identity()"}
-    # the same keyword arguments sslab.recipes.backbones._timm passes (kept in step by the round-trip test)
-    timm_name = f"{name}_patch16_224" if name in ("vit_tiny", "vit_small") else name.removeprefix("timm:")
-    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
-    if "vit" in timm_name or "deit" in timm_name:
-        kwargs.update(img_size=image_size, patch_size=model_cfg.patch_size, drop_path_rate=model_cfg.drop_path)
-        if model_cfg.depth:
-            kwargs["depth"] = model_cfg.depth
+    timm_name, kwargs = timm_model(model_cfg, in_chans, image_size)
     return {"library": "timm", "model": timm_name, "kwargs": kwargs, "build": "timm.create_model(model, **kwargs)"}
 
 

@@ -58,14 +58,24 @@ def _resnet(name: str, in_chans: int, cifar: bool) -> nn.Module:
     return net
 
 
-def _timm(name: str, cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Module:
-    import timm
-
+def timm_model(cfg: ModelConfig, in_chans: int, image_size: int) -> tuple[str, dict]:
+    """The timm model name and `timm.create_model` keyword arguments for `cfg` (what an export records)."""
+    name = f"{cfg.name}_patch16_224" if cfg.name in ("vit_tiny", "vit_small") else cfg.name.removeprefix("timm:")
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans)
     if "vit" in name or "deit" in name:
-        kwargs.update(img_size=image_size, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path)
+        # sized for the data; any other input size works too (multi-crop feeds two): timm interpolates the
+        # position embedding and pads the input to whole patches
+        kwargs.update(img_size=image_size, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path,
+                      dynamic_img_size=True, dynamic_img_pad=True)
         if cfg.depth:
             kwargs["depth"] = cfg.depth
+    return name, kwargs
+
+
+def _timm(cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Module:
+    import timm
+
+    name, kwargs = timm_model(cfg, in_chans, image_size)
     net = timm.create_model(name, **kwargs)
     net.feat_dim = net.num_features
     if cfg.freeze_patch_embed and hasattr(net, "patch_embed"):
@@ -81,7 +91,5 @@ def build_backbone(cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Modul
     if cfg.name.startswith("resnet"):
         cifar = cfg.stem == "cifar" or (cfg.stem == "auto" and image_size < 64)
         return _resnet(cfg.name, in_chans, cifar)
-    if cfg.name in ("vit_tiny", "vit_small"):
-        return _timm(f"{cfg.name}_patch16_224", cfg, in_chans, image_size)
-    return _timm(cfg.name.removeprefix("timm:"), cfg, in_chans, image_size)
+    return _timm(cfg, in_chans, image_size)
 

@@ -35,19 +35,6 @@ class DINOConfig:
     freeze_last_layer_epochs: float = knob(1.0, "the last layer gets no update in the first N epochs", min=0.0)
 
 
-def accept_any_size(net: nn.Module) -> nn.Module:
-    """timm builds a ViT for one input size; multi-crop feeds two. Let it take any size, as DINO's ViT does: the
-    position embedding is interpolated and the input padded to whole patches."""
-    from timm.layers import Format
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(net, VisionTransformer) and not net.dynamic_img_size:
-        net.dynamic_img_size = True
-        pe = net.patch_embed
-        pe.strict_img_size, pe.dynamic_img_pad, pe.flatten, pe.output_fmt = False, True, False, Format.NHWC
-    return net
-
-
 def local_side(rc, size: int) -> int:
     return rc.local_size or max(4, round(size * 96 / 224))
 
@@ -72,7 +59,7 @@ class Student(nn.Module):
 
     def __init__(self, backbone: nn.Module, cfg: DINOConfig):
         super().__init__()
-        self.backbone = accept_any_size(backbone)
+        self.backbone = backbone
         self.mlp = nn.Sequential(nn.Linear(backbone.feat_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden),
                                  nn.GELU(), nn.Linear(cfg.hidden, cfg.bottleneck))
         for m in self.mlp:

@@ -10,7 +10,7 @@ from torch import nn
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
 from ..platform import dist
-from .dino import accept_any_size, local_side
+from .dino import local_side
 from .heads import mlp
 from .losses import multi_crop_cross_entropy, sinkhorn
 from .registry import RecipeContext, StepOut, register
@@ -54,7 +54,7 @@ class SwAV(nn.Module):
     def __init__(self, cfg: SwAVConfig, ctx: RecipeContext):
         super().__init__()
         self.cfg, self.epochs = cfg, ctx.epochs
-        self.backbone = accept_any_size(ctx.make_backbone())
+        self.backbone = ctx.make_backbone()
         self.projector = mlp(self.backbone.feat_dim, cfg.hidden, cfg.dim, 2)
         self.prototypes = nn.Linear(cfg.dim, cfg.prototypes, bias=False)   # rows: unit-norm prototypes c_k
         with torch.no_grad():
