@@ -19,8 +19,8 @@ import torch
 from sslab.config import parse_overrides
 from sslab.datasets.shards import read_manifest
 from sslab.datasets.views import normalize
-from sslab.platform.evaluate import (eval_split, evaluate_checkpoint, extract, find_checkpoint, knn_accuracy,
-                                    pixel_knn)
+from sslab.platform.evaluate import eval_split, evaluate_checkpoint, extract, find_checkpoint, knn_accuracy
+from sslab.platform.probe import linear_probe
 from sslab.platform.launch import train
 from sslab.platform.spec import make_spec
 from sslab.recipes import registry
@@ -36,8 +36,9 @@ PER_RECIPE = {"mocov1": {"recipe.queue_size": 4096}, "mocov2": {"recipe.queue_si
               "dino": {"recipe.hidden": 512}}
 
 
-def random_init_knn(data: str, width: int, seed: int = 0) -> float:
-    """kNN top-1 of an untrained backbone's features: what training must improve on."""
+def baselines(data: str, width: int, seed: int = 0) -> dict:
+    """kNN and linear-probe top-1 of raw pixels and of an untrained backbone's features: what training must
+    improve on."""
     m = read_manifest(data)
     torch.manual_seed(seed)
     net = build_backbone(ModelConfig(width=width), m.channels, m.image_size[0]).eval()
@@ -46,7 +47,12 @@ def random_init_knn(data: str, width: int, seed: int = 0) -> float:
     bx, by = eval_split(data, "train", 0)
     qx, qy = eval_split(data, "test", 0)
     prep = lambda x: normalize(x, mean, std)
-    return knn_accuracy(extract(net, bx, prep), by, extract(net, qx, prep), qy, m.num_classes, 200, 0.1)
+    bf, qf = extract(net, bx, prep), extract(net, qx, prep)
+    px, pq = bx.flatten(1).float(), qx.flatten(1).float()
+    return {"raw_pixels": knn_accuracy(px, by, pq, qy, m.num_classes, 200, 0.1),
+            "random_init": knn_accuracy(bf, by, qf, qy, m.num_classes, 200, 0.1),
+            "raw_pixels_linear": linear_probe(px, by, pq, qy, m.num_classes)["test_top1"],
+            "random_init_linear": linear_probe(bf, by, qf, qy, m.num_classes)["test_top1"]}
 
 
 def evaluate(checkpoint: str, finetune_epochs: int) -> dict:
@@ -73,10 +79,9 @@ def main() -> None:
     json_path = os.path.join(args.out, "recipes.json")
     results = json.load(open(json_path)) if os.path.exists(json_path) else {}
 
-    m = read_manifest(args.data)
-    if "_baselines" not in results:
-        results["_baselines"] = {"raw_pixels": pixel_knn(args.data, m.num_classes, 0, 0, 200, 0.1),
-                                 "random_init": random_init_knn(args.data, COMMON["model.width"])}
+    if "raw_pixels_linear" not in results.get("_baselines", {}):
+        results["_baselines"] = baselines(args.data, COMMON["model.width"])
+        json.dump(results, open(json_path, "w"), indent=2)
     for name in names:
         if name in results and not args.redo:
             row = results[name]
@@ -123,8 +128,9 @@ def write_table(results: dict, path: str) -> None:
                      f"{100 * (knn - base['random_init']):+.2f} | {pct(r.get('linear_top1'))} | "
                      f"{pct(r.get('finetune_top1'))} | {r['steps']} | {r['images_per_s']:.0f} | "
                      f"{r['wall_s']} | {', '.join(f'{k}={v}' for k, v in r.get('departures', {}).items())} |")
-    lines.append(f"\nRaw pixels: {100 * base['raw_pixels']:.2f}%; random-init small CNN (width 16): "
-                 f"{100 * base['random_init']:.2f}%.")
+    lines.append(f"| raw pixels | {pct(base['raw_pixels'])} | | | {pct(base['raw_pixels_linear'])} | | | | | |")
+    lines.append(f"| random-init small CNN (width 16) | {pct(base['random_init'])} | | | "
+                 f"{pct(base['random_init_linear'])} | | | | | |")
     open(path, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
