@@ -90,6 +90,15 @@ def make_image_folder(root, n_per_class=8, classes=("a", "b"), size=(20, 16), mo
     return root
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one torch thread is faster, and on a shared, oversubscribed box far faster than two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A prepared dataset of 96 train / ~some test 16x16 grey images in 2 classes, as shards + manifest."""

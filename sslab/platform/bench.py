@@ -256,7 +256,7 @@ def bench_data(data_dir: str, *, recipe: str = "simclr", images: int = 20000, cp
     size = spec.data.crop_size or manifest.image_size[0]
     viewset = registry.get(recipe).views(spec.recipe, spec.data, size)
     files, n = [], 0
-    for f in read_manifest(spec.data.path).splits["train"]:
+    for f in manifest.splits["train"]:
         if n >= images:
             break
         files.append(f)

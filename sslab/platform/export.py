@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from ..recipes.backbones import build_backbone, timm_model
+from ..recipes.backbones import SmallCNN, build_backbone, cifar_stem, resnet, timm_model
 
 
 def _in_chans(module: nn.Module) -> int:
@@ -41,7 +41,7 @@ def model_config(model_cfg, in_chans: int, image_size: int) -> dict:
         return {"library": "sslab", "model": "small_cnn", "kwargs": {"in_chans": in_chans, "width": model_cfg.width},
                 "build": "sslab.recipes.backbones.SmallCNN(**kwargs)"}
     if name.startswith("resnet"):
-        stem = "cifar" if model_cfg.stem == "cifar" or (model_cfg.stem == "auto" and image_size < 64) else "imagenet"
+        stem = "cifar" if cifar_stem(model_cfg, image_size) else "imagenet"
         conv1 = ("model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False); model.maxpool = nn.Identity(); "
                  if stem == "cifar" else
                  "model.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False); " if in_chans != 3 else "")
@@ -55,19 +55,9 @@ def rebuild(config: dict) -> nn.Module:
     """The library model an export's config describes, randomly initialised (load the weights into it)."""
     lib, name, kwargs, chans = config["library"], config["model"], dict(config["kwargs"]), config["in_chans"]
     if lib == "sslab" and name == "small_cnn":
-        from ..recipes.backbones import SmallCNN
-
         return SmallCNN(**kwargs)
     if lib == "torchvision":
-        import torchvision
-
-        net = getattr(torchvision.models, name)(**kwargs)
-        if config["stem"] == "cifar":
-            net.conv1, net.maxpool = nn.Conv2d(chans, 64, 3, 1, 1, bias=False), nn.Identity()
-        elif chans != 3:
-            net.conv1 = nn.Conv2d(chans, 64, 7, 2, 3, bias=False)
-        net.fc = nn.Identity()
-        return net
+        return resnet(name, chans, config["stem"] == "cifar")
     if lib == "timm":
         import timm
 

@@ -44,7 +44,12 @@ class SmallCNN(nn.Module):
         return self.body(x).mean(dim=(2, 3))  # [N, 8w]
 
 
-def _resnet(name: str, in_chans: int, cifar: bool) -> nn.Module:
+def cifar_stem(cfg: ModelConfig, image_size: int) -> bool:
+    """Whether a ResNet gets the small-image stem (3x3 stride-1 conv, no max-pool) for this config and size."""
+    return cfg.stem == "cifar" or (cfg.stem == "auto" and image_size < 64)
+
+
+def resnet(name: str, in_chans: int, cifar: bool) -> nn.Module:
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
@@ -89,7 +94,6 @@ def build_backbone(cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Modul
     if cfg.name == "small_cnn":
         return SmallCNN(in_chans, cfg.width)
     if cfg.name.startswith("resnet"):
-        cifar = cfg.stem == "cifar" or (cfg.stem == "auto" and image_size < 64)
-        return _resnet(cfg.name, in_chans, cifar)
+        return resnet(cfg.name, in_chans, cifar_stem(cfg, image_size))
     return _timm(cfg, in_chans, image_size)
 

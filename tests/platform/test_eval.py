@@ -16,13 +16,7 @@ from sslab.platform.probe import balanced_subset, finetune, fit_logreg, linear_p
 from sslab.platform.spec import make_spec
 from sslab.recipes.backbones import SmallCNN
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is faster, and on a shared, oversubscribed box far faster than two."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {"model.width": 4, "recipe.hidden": 16, "recipe.dim": 8, "engine.knn_k": 10}

@@ -14,12 +14,7 @@ from sslab.platform.export import export, load_exported
 from sslab.platform.spec import make_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained(path, data, recipe="simclr", **overrides):
