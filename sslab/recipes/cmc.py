@@ -28,6 +28,8 @@ class CMCConfig:
     nce_k: int = knob(4096, "NCE noise samples per image (the authors' code; 16384 in the ImageNet runs)", min=1)
     temperature: float = knob(0.07, "softmax temperature tau", min=0.0, min_exclusive=True)
     bank_momentum: float = knob(0.5, "proximal update of both banks' rows (InstDisc's)", min=0.0, max=1.0)
+    z_momentum: float = knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, "
+                              "moving average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
 
 
 def resolve_split(split: str, channels: int) -> str:
@@ -117,8 +119,8 @@ class CMC(nn.Module):
         self.net = CMCEncoder(split, *(ctx.make_backbone(in_chans=c) for c in split.chans))
         self.head_a = nn.Linear(self.net.enc_a.feat_dim, cfg.dim)    # linear heads + L2 norm
         self.head_b = nn.Linear(self.net.enc_b.feat_dim, cfg.dim)
-        self.bank_a = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum)
-        self.bank_b = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum)
+        self.bank_a = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum)
+        self.bank_b = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum)
 
     @staticmethod
     def check_spec(spec, manifest) -> None:

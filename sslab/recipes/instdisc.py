@@ -20,6 +20,8 @@ class InstDiscConfig:
     temperature: float = knob(0.07, "softmax temperature tau (sec. 3.1)", min=0.0, min_exclusive=True)
     bank_momentum: float = knob(0.5, "proximal update of bank rows: v <- normalise(m v + (1 - m) f) (sec. 3.3)",
                                 min=0.0, max=1.0)
+    z_momentum: float = knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, "
+                              "moving average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
 
 
 def instance_spec(size: int, data) -> ViewSpec:
@@ -45,7 +47,7 @@ class InstDisc(nn.Module):
         self.cfg = cfg
         self.backbone = ctx.make_backbone()
         self.head = nn.Linear(self.backbone.feat_dim, cfg.dim)          # linear, no non-linearity (sec. 3.1)
-        self.bank = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum)
+        self.bank = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum)
 
     def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
         f = F.normalize(self.head(self.backbone(views[0])), dim=1)     # [n, dim] on the unit sphere

@@ -64,9 +64,10 @@ def test_impossible_split_is_a_config_error_before_ray(tiny_dataset):
     CMC.check_spec(SimpleNamespace(recipe=CMCConfig(split="lab")), SimpleNamespace(channels=3))
 
 
-def test_loss_both_directions_and_bank_updates_match_reference():
+@pytest.mark.parametrize("z_momentum", [0.0, 0.5])
+def test_loss_both_directions_and_bank_updates_match_reference(z_momentum):
     torch.manual_seed(0)
-    recipe = CMC(CMCConfig(nce_k=6, split="lab"), tiny_ctx(channels=3, mean=MEAN, std=STD))
+    recipe = CMC(CMCConfig(nce_k=6, split="lab", z_momentum=z_momentum), tiny_ctx(channels=3, mean=MEAN, std=STD))
     x = torch.randn(4, 3, 4, 4)
     index = torch.tensor([3, 9, 0, 30])
     rows_a, rows_b = recipe.bank_a.rows.clone(), recipe.bank_b.rows.clone()
@@ -87,6 +88,18 @@ def test_loss_both_directions_and_bank_updates_match_reference():
     for rows, new, f in ((rows_a, recipe.bank_a.rows, fa), (rows_b, recipe.bank_b.rows, fb)):
         v = 0.5 * rows[index].double() + 0.5 * f.double()
         assert torch.allclose(new[index].double(), F.normalize(v, dim=1), atol=1e-6)
+    # a second step: each bank's Z stays the first batch's, or moves toward this batch's estimate
+    neg2 = recipe.bank_a.negatives(4, 6)
+    out2 = recipe([x], {"index": index, "label": index}, 0.5)
+    za2 = (1 - z_momentum) * reference_nce(fb, recipe.bank_a.rows, index, neg2, 0.07)[1] + z_momentum * z_a
+    zb2 = (1 - z_momentum) * reference_nce(fa, recipe.bank_b.rows, index, neg2, 0.07)[1] + z_momentum * z_b
+    if z_momentum == 0:
+        za2, zb2 = z_a, z_b
+    assert recipe.bank_a.z.item() == pytest.approx(za2, rel=1e-5)
+    assert recipe.bank_b.z.item() == pytest.approx(zb2, rel=1e-5)
+    assert out2.loss.item() == pytest.approx(reference_nce(fa, recipe.bank_b.rows, index, neg2, 0.07, zb2)[0] +
+                                             reference_nce(fb, recipe.bank_a.rows, index, neg2, 0.07, za2)[0],
+                                             rel=1e-5)
     # evaluation: both encoders on the split image, concatenated
     assert torch.allclose(recipe.encoder()(x), torch.cat([recipe.net.enc_a(a), recipe.net.enc_b(b)], 1))
     assert recipe.encoder().feat_dim == 16

@@ -78,6 +78,23 @@ def test_bank_nce_estimates_z_once(size):
     assert loss2.item() == pytest.approx(reference_nce(f2, bank.rows, index, neg, 0.07, z)[0], rel=1e-5)
 
 
+def test_bank_z_moving_average():
+    """z_momentum m > 0: the first batch sets Z; each later batch's estimate is folded in, Z <- m Z + (1 - m) Z_b,
+    before that batch's loss is computed."""
+    torch.manual_seed(0)
+    bank = MemoryBank(50, 6, 0.5, z_momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    f1, f2 = (F.normalize(torch.randn(4, 6, generator=g), dim=1) for _ in range(2))
+    index, neg = torch.randint(50, (4,), generator=g), bank.negatives(4, 9)
+    bank.nce(f1, index, neg, 0.07)
+    z1 = reference_nce(f1, bank.rows, index, neg, 0.07)[1]
+    assert bank.z.item() == pytest.approx(z1, rel=1e-5)
+    loss2 = bank.nce(f2, index, neg, 0.07)
+    z = 0.9 * z1 + 0.1 * reference_nce(f2, bank.rows, index, neg, 0.07)[1]
+    assert bank.z.item() == pytest.approx(z, rel=1e-5)
+    assert loss2.item() == pytest.approx(reference_nce(f2, bank.rows, index, neg, 0.07, z)[0], rel=1e-5)
+
+
 def test_bank_proximal_update_and_negatives_stream():
     torch.manual_seed(0)
     bank = MemoryBank(10, 4, 0.5)
@@ -134,9 +151,13 @@ def _instdisc():
     return InstDisc(InstDiscConfig(nce_k=16), tiny_ctx())
 
 
-def _instdisc_worker(rank, world, xs, idxs):
+def _instdisc_z():
+    return InstDisc(InstDiscConfig(nce_k=16, z_momentum=0.5), tiny_ctx())
+
+
+def _instdisc_worker(rank, world, xs, idxs, factory=_instdisc):
     torch.set_num_threads(1)
-    return _steps(rank, world, xs, idxs, _instdisc)
+    return _steps(rank, world, xs, idxs, factory)
 
 
 def assert_same_as_single(multi, single):
@@ -158,9 +179,12 @@ def global_batches(channels=1, seed=0):
     return xs, idxs
 
 
-def test_two_workers_equal_one_process(gloo):
+@pytest.mark.parametrize("factory", [_instdisc, _instdisc_z])   # Z fixed, and Z re-estimated every step
+def test_two_workers_equal_one_process(gloo, factory):
     xs, idxs = global_batches()
-    single = _steps(0, 1, xs, idxs, _instdisc)
+    single = _steps(0, 1, xs, idxs, factory)
     assert single[0]["buffers"]["bank.z_set"] and not torch.equal(single[0]["buffers"]["bank.rows"],
                                                                    single[1]["buffers"]["bank.rows"])
-    assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs), single)
+    z = [step["buffers"]["bank.z"].item() for step in single]
+    assert (z[0] == z[1]) == (factory is _instdisc)
+    assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs, factory), single)
