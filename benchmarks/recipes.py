@@ -18,7 +18,6 @@ import torch
 
 from sslab.config import parse_overrides
 from sslab.datasets.shards import read_manifest
-from sslab.datasets.views import normalize
 from sslab.platform.evaluate import (eval_split, evaluate_checkpoint, extract, find_checkpoint, knn_accuracy,
                                      make_prepare)
 from sslab.platform.probe import linear_probe
@@ -39,18 +38,24 @@ PER_RECIPE = {"mocov1": {"recipe.queue_size": 4096}, "mocov2": {"recipe.queue_si
               "dino": {"recipe.hidden": 512}}
 
 
+def encoder_features(encoder, data: str):
+    """Frozen features of the whole train and test splits (the kNN bank and queries): (bank, labels, queries,
+    labels, manifest)."""
+    m = read_manifest(data)
+    prep = make_prepare(torch.tensor(m.mean).view(1, -1, 1, 1), torch.tensor(m.std).view(1, -1, 1, 1),
+                        m.image_size[0])
+    bx, by = eval_split(data, "train", 0)
+    qx, qy = eval_split(data, "test", 0)
+    return extract(encoder.eval(), bx, prep), by, extract(encoder, qx, prep), qy, m
+
+
 def baselines(data: str, width: int, seed: int = 0) -> dict:
     """kNN and linear-probe top-1 of raw pixels and of an untrained backbone's features: what training must
     improve on."""
     m = read_manifest(data)
     torch.manual_seed(seed)
-    net = build_backbone(ModelConfig(width=width), m.channels, m.image_size[0]).eval()
-    mean = torch.tensor(m.mean).view(1, -1, 1, 1)
-    std = torch.tensor(m.std).view(1, -1, 1, 1)
-    bx, by = eval_split(data, "train", 0)
-    qx, qy = eval_split(data, "test", 0)
-    prep = lambda x: normalize(x, mean, std)
-    bf, qf = extract(net, bx, prep), extract(net, qx, prep)
+    bf, by, qf, qy, _ = encoder_features(build_backbone(ModelConfig(width=width), m.channels, m.image_size[0]), data)
+    bx, qx = eval_split(data, "train", 0)[0], eval_split(data, "test", 0)[0]
     px, pq = bx.flatten(1).float(), qx.flatten(1).float()
     return {"raw_pixels": knn_accuracy(px, by, pq, qy, m.num_classes, 200, 0.1),
             "random_init": knn_accuracy(bf, by, qf, qy, m.num_classes, 200, 0.1),
@@ -67,12 +72,8 @@ def random_init_knn(spec) -> float:
 
     m = read_manifest(spec.data.path)
     torch.manual_seed(spec.engine.seed)
-    encoder = build_recipe(spec, m, m.image_size[0]).encoder().eval()
-    prep = make_prepare(torch.tensor(m.mean).view(1, -1, 1, 1), torch.tensor(m.std).view(1, -1, 1, 1),
-                        m.image_size[0])
-    bx, by = eval_split(spec.data.path, "train", 0)
-    qx, qy = eval_split(spec.data.path, "test", 0)
-    return knn_accuracy(extract(encoder, bx, prep), by, extract(encoder, qx, prep), qy, m.num_classes, 200, 0.1)
+    bf, by, qf, qy, _ = encoder_features(build_recipe(spec, m, m.image_size[0]).encoder(), spec.data.path)
+    return knn_accuracy(bf, by, qf, qy, m.num_classes, 200, 0.1)
 
 
 def evaluate(checkpoint: str, finetune_epochs: int) -> dict:
