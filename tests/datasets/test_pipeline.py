@@ -44,3 +44,21 @@ def test_ray_stream_multi_crop_columns(local_ray, tiny_dataset):
     vs = multi_crop(16, 8, n_local=3)
     b = next(iter(train_dataset(DataConfig(path=tiny_dataset, limit=20), m, vs).iter_torch_batches(batch_size=20)))
     assert [tuple(b[c].shape) for c in vs.columns] == [(20, 1, 16, 16)] * 2 + [(20, 1, 8, 8)] * 3
+
+
+@pytest.mark.ray
+def test_ray_stream_splits_a_shard_file_into_several_tasks(local_ray, tmp_path):
+    """One shard file is augmented by several tasks, each yielding its own block, so a pass streams from its
+    start (one task per file would hand over the whole file's views at once, when the task ends)."""
+    from sslab.datasets import shards, sources
+    from conftest import make_image_folder
+
+    folder = make_image_folder(str(tmp_path / "images"), n_per_class=60, size=(16, 16))
+    src = sources.image_folder(folder, size=16, channels=1, test_fraction=0.0)
+    shards.prepare(src.records, str(tmp_path / "shards"), name="one", classes=src.classes, shard_rows=1000,
+                   progress=lambda s: None)
+    m = read_manifest(str(tmp_path / "shards"))
+    assert len(m.files("train")) == 1
+    ds = train_dataset(DataConfig(path=str(tmp_path / "shards"), batch_rows=16), m, two_views(16)).materialize()
+    assert ds.num_blocks() >= 4
+    assert sorted(np.concatenate([b["index"] for b in ds.iter_batches(batch_size=None)]).tolist()) == list(range(120))
