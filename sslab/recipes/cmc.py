@@ -28,6 +28,9 @@ class CMCConfig:
     nce_k: int = knob(4096, "NCE noise samples per image (the authors' code; 16384 in the ImageNet runs)", min=1)
     temperature: float = knob(0.07, "softmax temperature tau", min=0.0, min_exclusive=True)
     bank_momentum: float = knob(0.5, "proximal update of both banks' rows (InstDisc's)", min=0.0, max=1.0)
+    loss: str = knob("nce", "nce: the paper's NCE with its normaliser Z; softmax: cross-entropy of the own row "
+                     "against the K noise rows (InfoNCE; the CMC authors' later code, which they found better)",
+                     choices=("nce", "softmax"))
     z_momentum: float = knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, "
                               "moving average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
 
@@ -134,8 +137,8 @@ class CMC(nn.Module):
         neg = self.bank_a.negatives(fa.shape[0], self.cfg.nce_k)      # one draw serves both directions
         # the two-view loss L(a, b) + L(b, a) (sec. 3.2): a's features against b's memory (positive: the image's
         # own b row), and the reverse
-        loss_a = self.bank_b.nce(fa, index, neg, self.cfg.temperature)
-        loss_b = self.bank_a.nce(fb, index, neg, self.cfg.temperature)
+        loss_a = getattr(self.bank_b, self.cfg.loss)(fa, index, neg, self.cfg.temperature)
+        loss_b = getattr(self.bank_a, self.cfg.loss)(fb, index, neg, self.cfg.temperature)
         self.bank_a.stage(fa, index)
         self.bank_b.stage(fb, index)
         return StepOut(loss_a + loss_b, {"loss_a_to_b": loss_a.detach(), "loss_b_to_a": loss_b.detach()},

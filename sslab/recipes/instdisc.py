@@ -20,6 +20,9 @@ class InstDiscConfig:
     temperature: float = knob(0.07, "softmax temperature tau (sec. 3.1)", min=0.0, min_exclusive=True)
     bank_momentum: float = knob(0.5, "proximal update of bank rows: v <- normalise(m v + (1 - m) f) (sec. 3.3)",
                                 min=0.0, max=1.0)
+    loss: str = knob("nce", "nce: the paper's NCE with its normaliser Z; softmax: cross-entropy of the own row "
+                     "against the K noise rows (InfoNCE; the CMC authors' later code, which they found better)",
+                     choices=("nce", "softmax"))
     z_momentum: float = knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, "
                               "moving average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
 
@@ -53,7 +56,7 @@ class InstDisc(nn.Module):
         f = F.normalize(self.head(self.backbone(views[0])), dim=1)     # [n, dim] on the unit sphere
         index = batch["index"]
         neg = self.bank.negatives(f.shape[0], self.cfg.nce_k)          # [n, K]
-        loss = self.bank.nce(f, index, neg, self.cfg.temperature)
+        loss = getattr(self.bank, self.cfg.loss)(f, index, neg, self.cfg.temperature)  # nce | softmax
         self.bank.stage(f, index)                                      # rows are written in after_step
         return StepOut(loss, {"nce_z": self.bank.z.detach()}, embedding=f.detach())
 

@@ -13,6 +13,8 @@ and the negatives' seed and step counter are buffers, so a checkpoint resumes th
   ones, the noise terms swamp the positive one and push every feature the same way (the representation
   collapses: on Fashion-MNIST with the paper's settings the loss grew from about 10 to over 1,000 and kNN top-1
   fell to 33% after 2 epochs and 28% after 10, below the untrained network's 74%).
+- `softmax(f, index, neg, tau)`: the alternative loss of the CMC authors' later code, cross-entropy of the own row
+  against the K noise rows; needs no Z.
 - `stage(f, index)` gathers the global batch's features and indices (a collective, run by every rank in forward);
   `update()` (the recipe's after_step) applies the proximal update v <- normalise(m v + (1 - m) f) to all of them,
   so every replica's bank stays identical without any broadcast.
@@ -61,8 +63,9 @@ class MemoryBank(nn.Module):
         idx = torch.randint(self.rows.shape[0], (dist.world_size() * n, k), generator=g, device=dev)
         return idx[dist.rank() * n:(dist.rank() + 1) * n]
 
-    def nce(self, f: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
-        """NCE loss of unit features f [n, d] (gradient flows to f only: rows are constants)."""
+    def logits(self, f: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+        """float32 [n, 1 + K]: v.f / tau for each sample's own row (first) and its noise rows. Gradient flows to f
+        only: rows are constants."""
         f = f.float()
         with torch.autocast(f.device.type, enabled=False):                   # tau = 0.07 needs float32 scores
             idx = torch.cat([index.view(-1, 1), neg], 1)                     # [n, 1 + K]: the positive first
@@ -70,13 +73,23 @@ class MemoryBank(nn.Module):
                 s = (f @ self.rows.T).gather(1, idx)
             else:                                                            # large bank: fetch n(1+K) rows
                 s = torch.einsum("nd,nkd->nk", f, self.rows[idx])
-            logits = s / tau                                                 # [n, 1 + K]
-            if not self.z_set or self.z_momentum > 0:  # Z ~ size * E[exp(v.f / tau)] over the global batch
-                estimate = dist.all_reduce(logits.detach().exp().mean().view(1), "mean")[0] * self.rows.shape[0]
-                m = self.z_momentum if self.z_set else 0.0  # the first batch sets Z (sec. 3.2)
-                self.z.copy_(m * self.z + (1 - m) * estimate)
-                self.z_set.fill_(True)
-            return nce_loss(logits[:, 0], logits[:, 1:], self.z.log(), self.rows.shape[0])
+            return s / tau
+
+    def nce(self, f: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+        """NCE loss of unit features f [n, d] (the paper's)."""
+        logits = self.logits(f, index, neg, tau)
+        if not self.z_set or self.z_momentum > 0:  # Z ~ size * E[exp(v.f / tau)] over the global batch
+            estimate = dist.all_reduce(logits.detach().exp().mean().view(1), "mean")[0] * self.rows.shape[0]
+            m = self.z_momentum if self.z_set else 0.0  # the first batch sets Z (sec. 3.2)
+            self.z.copy_(m * self.z + (1 - m) * estimate)
+            self.z_set.fill_(True)
+        return nce_loss(logits[:, 0], logits[:, 1:], self.z.log(), self.rows.shape[0])
+
+    def softmax(self, f: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+        """Softmax cross-entropy of each sample's own row against its K noise rows (InfoNCE over the bank): no
+        normaliser to estimate."""
+        logits = self.logits(f, index, neg, tau)
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
     @torch.no_grad()
     def stage(self, f: torch.Tensor, index: torch.Tensor) -> None:

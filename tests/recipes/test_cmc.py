@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from sslab.config import ConfigError
 from sslab.recipes.cmc import CMC, CMCConfig, ModalitySplit, rgb_to_lab
-from tests.recipes.test_instdisc import _steps, assert_same_as_single, global_batches, reference_nce, tiny_ctx
+from tests.recipes.test_instdisc import (_steps, assert_same_as_single, global_batches, reference_nce,
+                                         reference_softmax, tiny_ctx)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -103,6 +104,21 @@ def test_loss_both_directions_and_bank_updates_match_reference(z_momentum):
     # evaluation: both encoders on the split image, concatenated
     assert torch.allclose(recipe.encoder()(x), torch.cat([recipe.net.enc_a(a), recipe.net.enc_b(b)], 1))
     assert recipe.encoder().feat_dim == 16
+
+
+def test_softmax_loss_both_directions():
+    torch.manual_seed(0)
+    recipe = CMC(CMCConfig(nce_k=6, split="lab", loss="softmax"), tiny_ctx(channels=3, mean=MEAN, std=STD))
+    x, index = torch.randn(4, 3, 4, 4), torch.tensor([3, 9, 0, 30])
+    neg = recipe.bank_a.negatives(4, 6)
+    out = recipe([x], {"index": index, "label": index}, 0.0)
+    with torch.no_grad():
+        a, b = ModalitySplit("lab", MEAN, STD)(x)
+        fa = F.normalize(recipe.head_a(recipe.net.enc_a(a)), dim=1)
+        fb = F.normalize(recipe.head_b(recipe.net.enc_b(b)), dim=1)
+    ref = (reference_softmax(fa, recipe.bank_b.rows, index, neg, 0.07) +
+           reference_softmax(fb, recipe.bank_a.rows, index, neg, 0.07))
+    assert out.loss.item() == pytest.approx(ref, rel=1e-5)
 
 
 def _cmc():

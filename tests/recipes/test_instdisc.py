@@ -1,4 +1,4 @@
-"""InstDisc and the shared memory bank: NCE against a plain float64 reference, the proximal update, the negatives'
+"""InstDisc and the shared memory bank: NCE and the softmax alternative against plain float64 references, the proximal update, the negatives'
 stream, and 2 gloo workers equal to one process on the global batch (loss, gradients, bank, Z)."""
 import math
 
@@ -95,6 +95,40 @@ def test_bank_z_moving_average():
     assert loss2.item() == pytest.approx(reference_nce(f2, bank.rows, index, neg, 0.07, z)[0], rel=1e-5)
 
 
+def reference_softmax(f, rows, index, neg, tau):
+    """Cross-entropy of each sample's own row among its own and its K noise rows, per sample in float64."""
+    f, rows = f.double(), rows.double()
+    total = 0.0
+    for i in range(f.shape[0]):
+        e = [math.exp(float(rows[j] @ f[i]) / tau) for j in [int(index[i])] + neg[i].tolist()]
+        total -= math.log(e[0] / sum(e))
+    return total / f.shape[0]
+
+
+@pytest.mark.parametrize("size", [20, 5000])
+def test_bank_softmax_matches_reference_and_leaves_z_alone(size):
+    torch.manual_seed(0)
+    bank = MemoryBank(size, 6, 0.5)
+    g = torch.Generator().manual_seed(3)
+    f = F.normalize(torch.randn(4, 6, generator=g), dim=1).requires_grad_()
+    index, neg = torch.randint(size, (4,), generator=g), bank.negatives(4, 9)
+    loss = bank.softmax(f, index, neg, 0.07)
+    assert loss.item() == pytest.approx(reference_softmax(f.detach(), bank.rows, index, neg, 0.07), rel=1e-5)
+    assert not bool(bank.z_set)
+    loss.backward()
+    assert f.grad.abs().sum() > 0
+
+
+def test_recipe_softmax_loss():
+    torch.manual_seed(0)
+    recipe = InstDisc(InstDiscConfig(nce_k=16, loss="softmax"), tiny_ctx())
+    x, index = torch.randn(4, 1, 4, 4), torch.tensor([3, 0, 31, 7])
+    neg = recipe.bank.negatives(4, 16)
+    out = recipe([x], {"index": index, "label": index}, 0.0)
+    f = F.normalize(recipe.head(recipe.backbone(x)), dim=1).detach()
+    assert out.loss.item() == pytest.approx(reference_softmax(f, recipe.bank.rows, index, neg, 0.07), rel=1e-5)
+
+
 def test_bank_proximal_update_and_negatives_stream():
     torch.manual_seed(0)
     bank = MemoryBank(10, 4, 0.5)
@@ -155,6 +189,10 @@ def _instdisc_z():
     return InstDisc(InstDiscConfig(nce_k=16, z_momentum=0.5), tiny_ctx())
 
 
+def _instdisc_softmax():
+    return InstDisc(InstDiscConfig(nce_k=16, loss="softmax"), tiny_ctx())
+
+
 def _instdisc_worker(rank, world, xs, idxs, factory=_instdisc):
     torch.set_num_threads(1)
     return _steps(rank, world, xs, idxs, factory)
@@ -179,12 +217,14 @@ def global_batches(channels=1, seed=0):
     return xs, idxs
 
 
-@pytest.mark.parametrize("factory", [_instdisc, _instdisc_z])   # Z fixed, and Z re-estimated every step
+# NCE with Z fixed, NCE with Z re-estimated every step, and softmax cross-entropy
+@pytest.mark.parametrize("factory", [_instdisc, _instdisc_z, _instdisc_softmax])
 def test_two_workers_equal_one_process(gloo, factory):
     xs, idxs = global_batches()
     single = _steps(0, 1, xs, idxs, factory)
-    assert single[0]["buffers"]["bank.z_set"] and not torch.equal(single[0]["buffers"]["bank.rows"],
+    assert bool(single[0]["buffers"]["bank.z_set"]) == (factory is not _instdisc_softmax)
+    assert not torch.equal(single[0]["buffers"]["bank.rows"],
                                                                    single[1]["buffers"]["bank.rows"])
     z = [step["buffers"]["bank.z"].item() for step in single]
-    assert (z[0] == z[1]) == (factory is _instdisc)
+    assert (z[0] == z[1]) == (factory is not _instdisc_z)
     assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs, factory), single)
