@@ -271,6 +271,11 @@ def inject_fault(run_dir: str | None, rank: int, world: int, step: int) -> None:
     marker = f"{path}/fault_injected"
     if fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
         return
+    # Train's controller collects reports (checkpoints) by polling every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s):
+    # a worker lost sooner than that after a report can take the report with it, and the run then resumes from the
+    # checkpoint before. Wait out two polls, so the fault lands where a real one usually does, long after the last
+    # checkpoint.
+    time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(marker) as f:
         f.write(f"rank {rank} exited before step {step + 1} at {time.time():.3f}\n".encode())

@@ -39,6 +39,21 @@ def report_log(path: str):
     return ReportLog()
 
 
+def forwarded_output(capfd, expect: str, wait_s: float = 30.0) -> str:
+    """Everything printed so far, workers' lines included. Ray forwards worker output to the driver
+    asynchronously, so a short run can return before its last lines arrive: read until `expect` shows up (or
+    `wait_s` passes; the assertion on it then fails with what was printed)."""
+    import time
+
+    printed, deadline = "", time.monotonic() + wait_s
+    while True:
+        out = capfd.readouterr()
+        printed += out.out + out.err
+        if expect in printed or time.monotonic() > deadline:
+            return printed
+        time.sleep(0.5)
+
+
 def _counters(state: dict) -> dict:
     """The recipe's integer state: deterministic, unlike weights (augmentation draws are random). For SimCLR,
     BatchNorm's num_batches_tracked: one count per training forward pass actually taken."""
@@ -50,8 +65,7 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, tiny_dataset, tmp
     spec = make_spec("simclr", {"data.path": tiny_dataset, **FAST,
                                 "engine.fault_step": FAULT_STEP, "engine.max_failures": 1})
     result = train(spec, name="faulty", storage=storage, callbacks=[report_log(log)])
-    out = capfd.readouterr()
-    printed = out.out + out.err
+    printed = forwarded_output(capfd, "resumed from checkpoint")
 
     assert result.error is None
     # the fault happened: the last rank wrote its marker and died; the restarted group resumed from the
