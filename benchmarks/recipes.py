@@ -38,24 +38,25 @@ PER_RECIPE = {"mocov1": {"recipe.queue_size": 4096}, "mocov2": {"recipe.queue_si
               "dino": {"recipe.hidden": 512}}
 
 
-def encoder_features(encoder, data: str):
-    """Frozen features of the whole train and test splits (the kNN bank and queries): (bank, labels, queries,
-    labels, manifest)."""
-    m = read_manifest(data)
+def eval_splits(data: str):
+    """The whole train and test splits, decoded once (the kNN bank and queries): (bx, by, qx, qy, manifest)."""
+    return (*eval_split(data, "train", 0), *eval_split(data, "test", 0), read_manifest(data))
+
+
+def features(encoder, images, m):
+    """Frozen features of uint8 images, normalised as in training."""
     prep = make_prepare(torch.tensor(m.mean).view(1, -1, 1, 1), torch.tensor(m.std).view(1, -1, 1, 1),
                         m.image_size[0])
-    bx, by = eval_split(data, "train", 0)
-    qx, qy = eval_split(data, "test", 0)
-    return extract(encoder.eval(), bx, prep), by, extract(encoder, qx, prep), qy, m
+    return extract(encoder.eval(), images, prep)
 
 
 def baselines(data: str, width: int, seed: int = 0) -> dict:
     """kNN and linear-probe top-1 of raw pixels and of an untrained backbone's features: what training must
     improve on."""
-    m = read_manifest(data)
+    bx, by, qx, qy, m = eval_splits(data)
     torch.manual_seed(seed)
-    bf, by, qf, qy, _ = encoder_features(build_backbone(ModelConfig(width=width), m.channels, m.image_size[0]), data)
-    bx, qx = eval_split(data, "train", 0)[0], eval_split(data, "test", 0)[0]
+    net = build_backbone(ModelConfig(width=width), m.channels, m.image_size[0])
+    bf, qf = features(net, bx, m), features(net, qx, m)
     px, pq = bx.flatten(1).float(), qx.flatten(1).float()
     return {"raw_pixels": knn_accuracy(px, by, pq, qy, m.num_classes, 200, 0.1),
             "random_init": knn_accuracy(bf, by, qf, qy, m.num_classes, 200, 0.1),
@@ -70,10 +71,10 @@ def random_init_knn(spec) -> float:
     a different network."""
     from sslab.platform.engine import build_recipe
 
-    m = read_manifest(spec.data.path)
+    bx, by, qx, qy, m = eval_splits(spec.data.path)
     torch.manual_seed(spec.engine.seed)
-    bf, by, qf, qy, _ = encoder_features(build_recipe(spec, m, m.image_size[0]).encoder(), spec.data.path)
-    return knn_accuracy(bf, by, qf, qy, m.num_classes, 200, 0.1)
+    encoder = build_recipe(spec, m, m.image_size[0]).encoder()
+    return knn_accuracy(features(encoder, bx, m), by, features(encoder, qx, m), qy, m.num_classes, 200, 0.1)
 
 
 def evaluate(checkpoint: str, finetune_epochs: int) -> dict:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank
+from .memory import MemoryBank, loss_knob, z_momentum_knob
 from .registry import RecipeContext, StepOut, register
 
 SPLITS = ("auto", "lab", "intensity_gradient")
@@ -28,11 +28,8 @@ class CMCConfig:
     nce_k: int = knob(4096, "NCE noise samples per image (the authors' code; 16384 in the ImageNet runs)", min=1)
     temperature: float = knob(0.07, "softmax temperature tau", min=0.0, min_exclusive=True)
     bank_momentum: float = knob(0.5, "proximal update of both banks' rows (InstDisc's)", min=0.0, max=1.0)
-    loss: str = knob("nce", "nce: the paper's NCE with its normaliser Z; softmax: cross-entropy of the own row "
-                     "against the K noise rows (InfoNCE; the CMC authors' later code, which they found better)",
-                     choices=("nce", "softmax"))
-    z_momentum: float = knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, "
-                              "moving average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
+    loss: str = loss_knob()
+    z_momentum: float = z_momentum_knob()
 
 
 def resolve_split(split: str, channels: int) -> str:
@@ -122,8 +119,8 @@ class CMC(nn.Module):
         self.net = CMCEncoder(split, *(ctx.make_backbone(in_chans=c) for c in split.chans))
         self.head_a = nn.Linear(self.net.enc_a.feat_dim, cfg.dim)    # linear heads + L2 norm
         self.head_b = nn.Linear(self.net.enc_b.feat_dim, cfg.dim)
-        self.bank_a = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum)
-        self.bank_b = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum)
+        self.bank_a = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum, cfg.loss)
+        self.bank_b = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum, cfg.loss)
 
     @staticmethod
     def check_spec(spec, manifest) -> None:
@@ -137,8 +134,8 @@ class CMC(nn.Module):
         neg = self.bank_a.negatives(fa.shape[0], self.cfg.nce_k)      # one draw serves both directions
         # the two-view loss L(a, b) + L(b, a) (sec. 3.2): a's features against b's memory (positive: the image's
         # own b row), and the reverse
-        loss_a = getattr(self.bank_b, self.cfg.loss)(fa, index, neg, self.cfg.temperature)
-        loss_b = getattr(self.bank_a, self.cfg.loss)(fb, index, neg, self.cfg.temperature)
+        loss_a = self.bank_b.loss(fa, index, neg, self.cfg.temperature)
+        loss_b = self.bank_a.loss(fb, index, neg, self.cfg.temperature)
         self.bank_a.stage(fa, index)
         self.bank_b.stage(fb, index)
         return StepOut(loss_a + loss_b, {"loss_a_to_b": loss_a.detach(), "loss_b_to_a": loss_b.detach()},

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank
+from .memory import MemoryBank, loss_knob, z_momentum_knob
 from .registry import RecipeContext, StepOut, register
 
 
@@ -20,11 +20,8 @@ class InstDiscConfig:
     temperature: float = knob(0.07, "softmax temperature tau (sec. 3.1)", min=0.0, min_exclusive=True)
     bank_momentum: float = knob(0.5, "proximal update of bank rows: v <- normalise(m v + (1 - m) f) (sec. 3.3)",
                                 min=0.0, max=1.0)
-    loss: str = knob("nce", "nce: the paper's NCE with its normaliser Z; softmax: cross-entropy of the own row "
-                     "against the K noise rows (InfoNCE; the CMC authors' later code, which they found better)",
-                     choices=("nce", "softmax"))
-    z_momentum: float = knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, "
-                              "moving average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
+    loss: str = loss_knob()
+    z_momentum: float = z_momentum_knob()
 
 
 def instance_spec(size: int, data) -> ViewSpec:
@@ -50,13 +47,13 @@ class InstDisc(nn.Module):
         self.cfg = cfg
         self.backbone = ctx.make_backbone()
         self.head = nn.Linear(self.backbone.feat_dim, cfg.dim)          # linear, no non-linearity (sec. 3.1)
-        self.bank = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum)
+        self.bank = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum, cfg.loss)
 
     def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
         f = F.normalize(self.head(self.backbone(views[0])), dim=1)     # [n, dim] on the unit sphere
         index = batch["index"]
         neg = self.bank.negatives(f.shape[0], self.cfg.nce_k)          # [n, K]
-        loss = getattr(self.bank, self.cfg.loss)(f, index, neg, self.cfg.temperature)  # nce | softmax
+        loss = self.bank.loss(f, index, neg, self.cfg.temperature)
         self.bank.stage(f, index)                                      # rows are written in after_step
         return StepOut(loss, {"nce_z": self.bank.z.detach()}, embedding=f.detach())
 

@@ -27,7 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import knob
 from ..platform import dist
+
+LOSSES = ("nce", "softmax")
+
+
+def loss_knob():
+    """The recipe knob choosing the bank's loss (shared by InstDisc and CMC)."""
+    return knob("nce", "nce: the paper's NCE with its normaliser Z; softmax: cross-entropy of the own row against "
+                "the K noise rows (InfoNCE; the CMC authors' later code, which they found better)", choices=LOSSES)
+
+
+def z_momentum_knob():
+    """The recipe knob for NCE's normaliser (shared by InstDisc and CMC)."""
+    return knob(0.0, "0: NCE's Z fixed from the first batch (the paper); > 0: re-estimated each step, moving "
+                "average with this momentum (needed on small few-class data)", min=0.0, max=1.0)
 
 
 def nce_loss(pos: torch.Tensor, neg: torch.Tensor, log_z: torch.Tensor | float, num_data: int) -> torch.Tensor:
@@ -43,11 +58,14 @@ def nce_loss(pos: torch.Tensor, neg: torch.Tensor, log_z: torch.Tensor | float, 
 
 
 class MemoryBank(nn.Module):
-    """`size` unit rows of width `dim`, random at the start; proximal momentum `momentum` (0.5 in the paper)."""
+    """`size` unit rows of width `dim`, random at the start; proximal momentum `momentum` (0.5 in the paper);
+    `loss` ("nce" or "softmax") is what `loss()` computes."""
 
-    def __init__(self, size: int, dim: int, momentum: float, z_momentum: float = 0.0):
+    def __init__(self, size: int, dim: int, momentum: float, z_momentum: float = 0.0, loss: str = "nce"):
         super().__init__()
-        self.momentum, self.z_momentum = momentum, z_momentum
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.momentum, self.z_momentum, self.loss_kind = momentum, z_momentum, loss
         self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))   # [size, dim]
         self.register_buffer("z", torch.zeros(()))                                  # NCE normaliser Z
         self.register_buffer("z_set", torch.zeros((), dtype=torch.bool))
@@ -90,6 +108,10 @@ class MemoryBank(nn.Module):
         normaliser to estimate."""
         logits = self.logits(f, index, neg, tau)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+    def loss(self, f: torch.Tensor, index: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+        """The bank's loss (NCE or softmax, chosen at construction) of unit features f [n, d]."""
+        return (self.nce if self.loss_kind == "nce" else self.softmax)(f, index, neg, tau)
 
     @torch.no_grad()
     def stage(self, f: torch.Tensor, index: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
-"""InstDisc and the shared memory bank: NCE and the softmax alternative against plain float64 references, the proximal update, the negatives'
-stream, and 2 gloo workers equal to one process on the global batch (loss, gradients, bank, Z)."""
+"""InstDisc and the shared memory bank: NCE and the softmax alternative against plain float64 references, the
+proximal update, the negatives' stream, and 2 gloo workers equal to one process on the global batch (loss,
+gradients, bank, Z)."""
 import math
 
 import pytest
@@ -223,8 +224,7 @@ def test_two_workers_equal_one_process(gloo, factory):
     xs, idxs = global_batches()
     single = _steps(0, 1, xs, idxs, factory)
     assert bool(single[0]["buffers"]["bank.z_set"]) == (factory is not _instdisc_softmax)
-    assert not torch.equal(single[0]["buffers"]["bank.rows"],
-                                                                   single[1]["buffers"]["bank.rows"])
+    assert not torch.equal(single[0]["buffers"]["bank.rows"], single[1]["buffers"]["bank.rows"])
     z = [step["buffers"]["bank.z"].item() for step in single]
     assert (z[0] == z[1]) == (factory is not _instdisc_z)
     assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs, factory), single)
