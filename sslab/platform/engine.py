@@ -60,6 +60,26 @@ def load_state(path: str, map_location="cpu") -> dict:
     return torch.load(os.path.join(path, STATE_FILE), map_location=map_location, weights_only=False)
 
 
+def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: int) -> None:
+    """A memory-bank recipe's `bank_init=encoder` pre-pass: one pass of the training stream through the untrained
+    network (no gradients; BN in training mode, as in the steps that follow) writes every bank row. Runs on a fresh
+    start only: a resumed run takes its bank from the checkpoint."""
+    t0, rows = time.perf_counter(), 0
+    it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True))
+    while True:
+        batch = next(it, None)
+        # every rank writes the same number of batches (a collective); the rows of a last, partial global batch
+        # stay random until their first visit
+        if not dist.all_true(batch is not None and batch[columns[0]].shape[0] == local_batch, device):
+            break
+        n = local_batch
+        recipe.fill_bank([prepare(batch[c]) for c in columns], {k: batch[k].to(device) for k in ("index", "label")})
+        rows += n * dist.world_size()
+    if rank == 0:
+        print(f"[sslab] memory bank filled from the untrained encoder: {rows} rows in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`. `config` is RunSpec.to_dict() plus "log_dir"."""
     import ray.train
@@ -127,6 +147,8 @@ def train_worker(config: dict) -> None:
     if rank == 0 and eng.knn_every and not knn_on:
         print("[sslab] kNN monitor off: the dataset has no labels or no test split", flush=True)
 
+    if start_epoch == 0 and getattr(recipe, "fills_bank", lambda: False)():
+        fill_bank(recipe, shard, local_batch, columns, prepare, device, rank)
     last = min(eng.stop_after_epoch or eng.epochs, eng.epochs)  # a segment ends early; schedules span all epochs
     for epoch in range(start_epoch, last):
         model.train()

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank, loss_knob, z_momentum_knob
+from .memory import MemoryBank, bank_init_knob, loss_knob, z_momentum_knob
 from .registry import RecipeContext, StepOut, register
 
 SPLITS = ("auto", "lab", "intensity_gradient")
@@ -30,6 +30,7 @@ class CMCConfig:
     bank_momentum: float = knob(0.5, "proximal update of both banks' rows (InstDisc's)", min=0.0, max=1.0)
     loss: str = loss_knob()
     z_momentum: float = z_momentum_knob()
+    bank_init: str = bank_init_knob()
 
 
 def resolve_split(split: str, channels: int) -> str:
@@ -126,10 +127,22 @@ class CMC(nn.Module):
     def check_spec(spec, manifest) -> None:
         resolve_split(spec.recipe.split, manifest.channels)
 
-    def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
+    def features(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.net.split(views[0])
-        fa = F.normalize(self.head_a(self.net.enc_a(a)), dim=1)        # [n, dim]
-        fb = F.normalize(self.head_b(self.net.enc_b(b)), dim=1)
+        return (F.normalize(self.head_a(self.net.enc_a(a)), dim=1),     # [n, dim] each
+                F.normalize(self.head_b(self.net.enc_b(b)), dim=1))
+
+    def fills_bank(self) -> bool:
+        return self.cfg.bank_init == "encoder"
+
+    @torch.no_grad()
+    def fill_bank(self, views: list[torch.Tensor], batch: dict) -> None:
+        fa, fb = self.features(views)
+        self.bank_a.fill(fa, batch["index"])
+        self.bank_b.fill(fb, batch["index"])
+
+    def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
+        fa, fb = self.features(views)
         index = batch["index"]
         neg = self.bank_a.negatives(fa.shape[0], self.cfg.nce_k)      # one draw serves both directions
         # the two-view loss L(a, b) + L(b, a) (sec. 3.2): a's features against b's memory (positive: the image's

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank, loss_knob, z_momentum_knob
+from .memory import MemoryBank, bank_init_knob, loss_knob, z_momentum_knob
 from .registry import RecipeContext, StepOut, register
 
 
@@ -22,6 +22,7 @@ class InstDiscConfig:
                                 min=0.0, max=1.0)
     loss: str = loss_knob()
     z_momentum: float = z_momentum_knob()
+    bank_init: str = bank_init_knob()
 
 
 def instance_spec(size: int, data) -> ViewSpec:
@@ -49,8 +50,18 @@ class InstDisc(nn.Module):
         self.head = nn.Linear(self.backbone.feat_dim, cfg.dim)          # linear, no non-linearity (sec. 3.1)
         self.bank = MemoryBank(ctx.num_train, cfg.dim, cfg.bank_momentum, cfg.z_momentum, cfg.loss)
 
+    def features(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(views[0])), dim=1)  # [n, dim] on the unit sphere
+
+    def fills_bank(self) -> bool:
+        return self.cfg.bank_init == "encoder"
+
+    @torch.no_grad()
+    def fill_bank(self, views: list[torch.Tensor], batch: dict) -> None:
+        self.bank.fill(self.features(views), batch["index"])
+
     def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
-        f = F.normalize(self.head(self.backbone(views[0])), dim=1)     # [n, dim] on the unit sphere
+        f = self.features(views)
         index = batch["index"]
         neg = self.bank.negatives(f.shape[0], self.cfg.nce_k)          # [n, K]
         loss = self.bank.loss(f, index, neg, self.cfg.temperature)

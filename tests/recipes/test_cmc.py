@@ -135,3 +135,19 @@ def test_two_workers_equal_one_process(gloo):
     single = _steps(0, 1, xs, idxs, _cmc)
     assert {"bank_a.rows", "bank_b.rows", "bank_a.z", "bank_b.z"} <= set(single[0]["buffers"])
     assert_same_as_single(gloo(_cmc_worker, 2, xs, idxs), single)
+
+
+def test_fill_pass_writes_both_banks_from_their_own_modality():
+    from tests.recipes.test_instdisc import FakeShard
+    from sslab.platform.engine import fill_bank
+
+    torch.manual_seed(0)
+    recipe = CMC(CMCConfig(nce_k=6, split="lab", bank_init="encoder"), tiny_ctx(channels=3, mean=MEAN, std=STD))
+    x, index = torch.randn(8, 3, 4, 4), torch.randperm(32)[:8]
+    with torch.no_grad():
+        a, b = ModalitySplit("lab", MEAN, STD)(x)
+        fa = F.normalize(recipe.head_a(recipe.net.enc_a(a)), dim=1)
+        fb = F.normalize(recipe.head_b(recipe.net.enc_b(b)), dim=1)
+    fill_bank(recipe, FakeShard([(x, index)]), 8, ["view"], lambda v: v, "cpu", 0)
+    assert torch.allclose(recipe.bank_a.rows[index], fa, atol=1e-6)
+    assert torch.allclose(recipe.bank_b.rows[index], fb, atol=1e-6)

@@ -228,3 +228,70 @@ def test_two_workers_equal_one_process(gloo, factory):
     z = [step["buffers"]["bank.z"].item() for step in single]
     assert (z[0] == z[1]) == (factory is not _instdisc_z)
     assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs, factory), single)
+
+
+
+class FakeShard:
+    """Ray Train's dataset shard as the engine's fill pass uses it: `iter_torch_batches` over given batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_torch_batches(self, batch_size, drop_last):
+        for x, index in self.batches:
+            if drop_last and len(x) < batch_size:
+                return
+            yield {"view": x, "index": index, "label": index}
+
+
+def _fill(rank, world, batches_per_rank, factory, local_batch):
+    """The engine's bank_init=encoder pass over this rank's batches; returns the recipe's state."""
+    from sslab.platform.engine import fill_bank
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    recipe = factory()
+    fill_bank(recipe, FakeShard(batches_per_rank[rank]), local_batch, ["view"], lambda v: v, "cpu", rank)
+    return recipe.state_dict()
+
+
+def _instdisc_filled():
+    return InstDisc(InstDiscConfig(nce_k=16, bank_init="encoder"), tiny_ctx())
+
+
+def _batches(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(32, generator=g)[:sum(sizes)].split(sizes)
+    return [(torch.randn(len(i), 1, 4, 4, generator=g), i) for i in index]
+
+
+def test_fill_pass_writes_each_row_from_the_untrained_network():
+    batches = _batches([8, 8, 4], seed=1)
+    torch.manual_seed(0)
+    fresh = _instdisc_filled()
+    assert fresh.fills_bank() and not _instdisc().fills_bank()    # the papers' random start stays the default
+    state = _fill(0, 1, [batches], _instdisc_filled, 8)
+    x, full = torch.cat([b[0] for b in batches[:2]]), torch.cat([b[1] for b in batches[:2]])
+    with torch.no_grad():
+        f = F.normalize(fresh.head(fresh.backbone(x)), dim=1)
+    assert torch.allclose(state["bank.rows"][full], f, atol=1e-6)  # the two whole batches: rows are features
+    rest = [j for j in range(32) if j not in full.tolist()]        # the short last batch and unseen rows: random
+    assert torch.equal(state["bank.rows"][rest], fresh.bank.rows[rest])
+    for k, v in fresh.state_dict().items():                        # no training, no step counted
+        if k != "bank.rows":
+            assert torch.equal(state[k], v), k
+
+
+def test_fill_pass_two_workers_equal_one_process(gloo):
+    """Each rank streams its own half of every global batch; both end with the bank one process gets from the
+    whole batches. Rank 0 has a batch more than rank 1: both stop together (no hang), its rows stay random."""
+    b = _batches([4, 4, 4, 4, 4], seed=2)
+    single = _fill(0, 1, [[(torch.cat([b[0][0], b[1][0]]), torch.cat([b[0][1], b[1][1]])),
+                           (torch.cat([b[2][0], b[3][0]]), torch.cat([b[2][1], b[3][1]]))]], _instdisc_filled, 8)
+    multi = gloo(_fill, 2, [[b[0], b[2], b[4]], [b[1], b[3]]], _instdisc_filled, 4)
+    torch.manual_seed(0)
+    random_rows = _instdisc_filled().bank.rows
+    assert not torch.allclose(single["bank.rows"], random_rows)
+    for state in multi:
+        assert torch.allclose(state["bank.rows"], single["bank.rows"], atol=1e-6)
+        assert torch.equal(state["bank.rows"][b[4][1]], random_rows[b[4][1]])

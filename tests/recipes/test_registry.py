@@ -95,10 +95,25 @@ def test_state_survives_checkpoint_exactly(name):
 def test_cli_train_end_to_end(name, local_ray, tiny_dataset, tmp_path, capsys):
     from sslab.cli import main
 
+    banks = name in ("instdisc", "cmc")   # the memory-bank recipes also run their bank_init=encoder pass
     code = main(["train", name, "--data", tiny_dataset, "--epochs", "1", "--batch-size", "16", "--workers", "2",
                  "--name", f"cli-{name}", "--storage", str(tmp_path), "engine.cpus_per_worker=0.5",
                  "engine.steps_per_epoch=2", "engine.knn_k=10", "model.width=4", "model.patch_size=4",
-                 "model.depth=2", "engine.collapse_threshold=0"])
+                 "model.depth=2", "engine.collapse_threshold=0"] + ["recipe.bank_init=encoder"] * banks)
     out = capsys.readouterr().out
     assert code == 0, out
     assert "finished 1 epochs" in out and "kNN top-1" in out
+    if banks:
+        # the pass wrote all 96 rows (6 global batches of 16); the 2 training steps alone would touch 32
+        from sslab.datasets.shards import read_manifest
+        from sslab.platform.engine import build_recipe, load_state
+        from sslab.platform.evaluate import find_checkpoint
+        from sslab.platform.spec import RunSpec
+
+        state = load_state(find_checkpoint(str(next(tmp_path.glob(f"cli-{name}*")))))
+        spec = RunSpec.from_dict(state["spec"])
+        torch.manual_seed(spec.engine.seed)        # the run's random start, rebuilt
+        start = build_recipe(spec, read_manifest(tiny_dataset), 16).state_dict()
+        for key in [k for k in start if k.endswith("rows")]:
+            changed = (state["recipe"][key] != start[key]).any(1)
+            assert int(changed.sum()) == 96, key
