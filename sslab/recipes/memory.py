@@ -18,8 +18,8 @@ and the negatives' seed and step counter are buffers, so a checkpoint resumes th
 - `fill(f, index)` gathers the global batch and writes its rows outright: the engine's `bank_init=encoder` pass
   (`engine.fill_bank`), one forward pass of the untrained network over the training stream before epoch 1. With
   random rows (the papers' start), every positive is noise until its image's first visit while the negatives fill
-  up with real features; on Fashion-MNIST that first epoch pulled InstDisc's kNN from 73.75% (untrained) to 62-69%,
-  and after the pass it rose to 77.4% in the same epoch.
+  up with real features; on Fashion-MNIST that first epoch pulled InstDisc's kNN from 73.75% (untrained) to 62-63%;
+  after the pass it rose to 77.4% in the same epoch.
 - `stage(f, index)` gathers the global batch's features and indices (a collective, run by every rank in forward);
   `update()` (the recipe's after_step) applies the proximal update v <- normalise(m v + (1 - m) f) to all of them,
   so every replica's bank stays identical without any broadcast.
