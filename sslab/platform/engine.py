@@ -72,9 +72,8 @@ def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: i
         # stay random until their first visit
         if not dist.all_true(batch is not None and batch[columns[0]].shape[0] == local_batch, device):
             break
-        n = local_batch
         recipe.fill_bank([prepare(batch[c]) for c in columns], {k: batch[k].to(device) for k in ("index", "label")})
-        rows += n * dist.world_size()
+        rows += local_batch * dist.world_size()
     if rank == 0:
         print(f"[sslab] memory bank filled from the untrained encoder: {rows} rows in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

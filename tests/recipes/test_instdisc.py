@@ -230,7 +230,6 @@ def test_two_workers_equal_one_process(gloo, factory):
     assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs, factory), single)
 
 
-
 class FakeShard:
     """Ray Train's dataset shard as the engine's fill pass uses it: `iter_torch_batches` over given batches."""
 
