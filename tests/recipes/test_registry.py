@@ -104,7 +104,8 @@ def test_cli_train_end_to_end(name, local_ray, tiny_dataset, tmp_path, capsys):
     assert code == 0, out
     assert "finished 1 epochs" in out and "kNN top-1" in out
     if banks:
-        # the pass wrote all 96 rows (6 global batches of 16); the 2 training steps alone would touch 32
+        # the pass wrote the 96 rows of the 6 whole global batches of 16 (of 97 images: the 97th stays random unless
+        # a training step happens to visit it); the 2 training steps alone would touch 32
         from sslab.datasets.shards import read_manifest
         from sslab.platform.engine import build_recipe, load_state
         from sslab.platform.evaluate import find_checkpoint
@@ -116,4 +117,4 @@ def test_cli_train_end_to_end(name, local_ray, tiny_dataset, tmp_path, capsys):
         start = build_recipe(spec, read_manifest(tiny_dataset), 16).state_dict()
         for key in [k for k in start if k.endswith("rows")]:
             changed = (state["recipe"][key] != start[key]).any(1)
-            assert int(changed.sum()) == 96, key
+            assert int(changed.sum()) >= 96, key
