@@ -60,10 +60,11 @@ def load_state(path: str, map_location="cpu") -> dict:
     return torch.load(os.path.join(path, STATE_FILE), map_location=map_location, weights_only=False)
 
 
-def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: int) -> None:
-    """A memory-bank recipe's `bank_init=encoder` pre-pass: one pass of the training stream through the untrained
-    network (no gradients; BN in training mode, as in the steps that follow) writes every bank row. Runs on a fresh
-    start only: a resumed run takes its bank from the checkpoint."""
+def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: int, epoch: int = 0) -> None:
+    """A memory-bank recipe's fill pass, before `epoch` when its `fills_bank(epoch)` says so (`bank_init=encoder`:
+    before epoch 0 of a fresh start, a resumed run takes its bank from the checkpoint; `bank_init=epoch`: before
+    every epoch): one pass of the training stream through the network as it is (no gradients; BN in training mode,
+    as in the steps that follow) writes every bank row."""
     t0, rows = time.perf_counter(), 0
     it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True))
     while True:
@@ -75,8 +76,8 @@ def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: i
         recipe.fill_bank([prepare(batch[c]) for c in columns], {k: batch[k].to(device) for k in ("index", "label")})
         rows += local_batch * dist.world_size()
     if rank == 0:
-        print(f"[sslab] memory bank filled from the untrained encoder: {rows} rows in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"[sslab] memory bank filled from the {'untrained' if epoch == 0 else 'current'} encoder before epoch "
+              f"{epoch + 1}: {rows} rows in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def train_worker(config: dict) -> None:
@@ -146,11 +147,12 @@ def train_worker(config: dict) -> None:
     if rank == 0 and eng.knn_every and not knn_on:
         print("[sslab] kNN monitor off: the dataset has no labels or no test split", flush=True)
 
-    if start_epoch == 0 and getattr(recipe, "fills_bank", lambda: False)():
-        fill_bank(recipe, shard, local_batch, columns, prepare, device, rank)
+    fills_bank = getattr(recipe, "fills_bank", lambda epoch: False)
     last = min(eng.stop_after_epoch or eng.epochs, eng.epochs)  # a segment ends early; schedules span all epochs
     for epoch in range(start_epoch, last):
         model.train()
+        if fills_bank(epoch):
+            fill_bank(recipe, shard, local_batch, columns, prepare, device, rank, epoch)
         t0, seen, loss_sum, n_steps, embedding = time.perf_counter(), 0, 0.0, 0, None
         t1 = seen1 = None  # after the epoch's first step: the steady rate leaves the stream's start-up out
         waited = 0.0       # seconds blocked on the data stream after the first step (the pipeline's share)

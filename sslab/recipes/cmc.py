@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank, bank_init_knob, loss_knob, z_momentum_knob
+from .memory import MemoryBank, bank_init_knob, fills_bank, loss_knob, z_momentum_knob
 from .registry import RecipeContext, StepOut, register
 
 SPLITS = ("auto", "lab", "intensity_gradient")
@@ -132,8 +132,8 @@ class CMC(nn.Module):
         return (F.normalize(self.head_a(self.net.enc_a(a)), dim=1),     # [n, dim] each
                 F.normalize(self.head_b(self.net.enc_b(b)), dim=1))
 
-    def fills_bank(self) -> bool:
-        return self.cfg.bank_init == "encoder"
+    def fills_bank(self, epoch: int) -> bool:
+        return fills_bank(self.cfg.bank_init, epoch)
 
     @torch.no_grad()
     def fill_bank(self, views: list[torch.Tensor], batch: dict) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank, bank_init_knob, loss_knob, z_momentum_knob
+from .memory import MemoryBank, bank_init_knob, fills_bank, loss_knob, z_momentum_knob
 from .registry import RecipeContext, StepOut, register
 
 
@@ -53,8 +53,8 @@ class InstDisc(nn.Module):
     def features(self, views: list[torch.Tensor]) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(views[0])), dim=1)  # [n, dim] on the unit sphere
 
-    def fills_bank(self) -> bool:
-        return self.cfg.bank_init == "encoder"
+    def fills_bank(self, epoch: int) -> bool:
+        return fills_bank(self.cfg.bank_init, epoch)
 
     @torch.no_grad()
     def fill_bank(self, views: list[torch.Tensor], batch: dict) -> None:

@@ -16,10 +16,14 @@ and the negatives' seed and step counter are buffers, so a checkpoint resumes th
 - `softmax(f, index, neg, tau)`: the alternative loss of the CMC authors' later code, cross-entropy of the own row
   against the K noise rows; needs no Z.
 - `fill(f, index)` gathers the global batch and writes its rows outright: the engine's `bank_init=encoder` pass
-  (`engine.fill_bank`), one forward pass of the untrained network over the training stream before epoch 1. With
-  random rows (the papers' start), every positive is noise until its image's first visit while the negatives fill
-  up with real features; on Fashion-MNIST that first epoch pulled InstDisc's kNN from 73.75% (untrained) to 62-63%;
-  after the pass it rose to 77.4% in the same epoch.
+  (`engine.fill_bank`), one forward pass of the untrained network over the training stream before epoch 1
+  (`bank_init=epoch`: the same pass before every epoch, with the network as it then is). With random rows (the
+  papers' start), every positive is noise until its image's first visit while the negatives fill up with real
+  features; on Fashion-MNIST that first epoch pulled InstDisc's kNN from 73.75% (untrained) to 62-63%; after the
+  pass it rose to 77.4% in the same epoch. Rows written by the proximal update come from a network that kept
+  moving during the epoch (after 8 epochs an image's feature had cosine 0.49 with its previous epoch's, two
+  unrelated images 0.68), so later epochs again compare features with stale rows; the pass before every epoch
+  removes that lag once an epoch, for one forward pass over the data (no backward).
 - `stage(f, index)` gathers the global batch's features and indices (a collective, run by every rank in forward);
   `update()` (the recipe's after_step) applies the proximal update v <- normalise(m v + (1 - m) f) to all of them,
   so every replica's bank stays identical without any broadcast.
@@ -36,7 +40,7 @@ from ..config import knob
 from ..platform import dist
 
 LOSSES = ("nce", "softmax")
-BANK_INITS = ("random", "encoder")
+BANK_INITS = ("random", "encoder", "epoch")
 
 
 def loss_knob():
@@ -55,7 +59,13 @@ def bank_init_knob():
     """The recipe knob for how the bank starts (shared by InstDisc and CMC)."""
     return knob("random", "random: random unit rows (the papers), so every positive is noise until the image's first "
                 "visit; encoder: before epoch 1, one forward pass of the untrained network over the training stream "
-                "writes every row, so positives and negatives are features from the first step", choices=BANK_INITS)
+                "writes every row, so positives and negatives are features from the first step; epoch: that pass "
+                "before every epoch, with the current network, so no row is older than the epoch", choices=BANK_INITS)
+
+
+def fills_bank(bank_init: str, epoch: int) -> bool:
+    """Whether the engine's fill pass runs before `epoch` (0-based) under the knob above."""
+    return bank_init == "epoch" or (bank_init == "encoder" and epoch == 0)
 
 
 def nce_loss(pos: torch.Tensor, neg: torch.Tensor, log_z: torch.Tensor | float, num_data: int) -> torch.Tensor:

@@ -268,7 +268,10 @@ def test_fill_pass_writes_each_row_from_the_untrained_network():
     batches = _batches([8, 8, 4], seed=1)
     torch.manual_seed(0)
     fresh = _instdisc_filled()
-    assert fresh.fills_bank() and not _instdisc().fills_bank()    # the papers' random start stays the default
+    assert fresh.fills_bank(0) and not fresh.fills_bank(1)          # encoder: before a fresh start's epoch 1 only
+    assert not _instdisc().fills_bank(0)                           # the papers' random start stays the default
+    every = InstDisc(InstDiscConfig(nce_k=16, bank_init="epoch"), tiny_ctx())
+    assert every.fills_bank(0) and every.fills_bank(1) and every.fills_bank(7)
     state = _fill(0, 1, [batches], _instdisc_filled, 8)
     x, full = torch.cat([b[0] for b in batches[:2]]), torch.cat([b[1] for b in batches[:2]])
     with torch.no_grad():

@@ -118,3 +118,22 @@ def test_cli_train_end_to_end(name, local_ray, tiny_dataset, tmp_path, capsys):
         for key in [k for k in start if k.endswith("rows")]:
             changed = (state["recipe"][key] != start[key]).any(1)
             assert int(changed.sum()) >= 96, key
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("bank_init, least, most", [("encoder", 0, 32), ("epoch", 96, 97)])
+def test_bank_refill_before_every_epoch_end_to_end(bank_init, least, most, local_ray, tiny_dataset, tmp_path):
+    """Between the checkpoints of epochs 1 and 2, bank_init=encoder changes only the rows epoch 2's two training
+    steps visit (at most 32); bank_init=epoch also rewrites every row of the 6 whole global batches before epoch 2."""
+    from sslab.cli import main
+    from sslab.platform.engine import load_state
+
+    code = main(["train", "instdisc", "--data", tiny_dataset, "--epochs", "2", "--batch-size", "16", "--workers", "2",
+                 "--name", "refill", "--storage", str(tmp_path), "engine.cpus_per_worker=0.5",
+                 "engine.steps_per_epoch=2", "engine.knn_every=0", "model.width=4", "engine.collapse_threshold=0",
+                 f"recipe.bank_init={bank_init}"])
+    assert code == 0
+    rows = [load_state(str(c))["recipe"]["bank.rows"] for c in sorted((tmp_path / "refill").glob("checkpoint_*-*"))]
+    assert len(rows) == 2
+    changed = int((rows[1] != rows[0]).any(1).sum())
+    assert least <= changed <= most
