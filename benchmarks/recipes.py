@@ -188,9 +188,9 @@ def write_table(results: dict, path: str) -> None:
                 f"{r['steps']} | {r['images_per_s']:.0f} | {r['wall_s']} | "
                 f"{', '.join(f'{k}={v}' for k, v in r.get('departures', {}).items())} |")
 
-    rows = sorted((k, v) for k, v in results.items() if not k.startswith("_"))
-    main_rows = [line(k, v) for k, v in rows if k in registry.names()]
-    variants = [line(k, v) for k, v in rows if k not in registry.names()]
+    rows, recipes = sorted((k, v) for k, v in results.items() if not k.startswith("_")), set(registry.names())
+    main_rows = [line(k, v) for k, v in rows if k in recipes]
+    variants = [line(k, v) for k, v in rows if k not in recipes]
     lines = header + main_rows + [
         f"| raw pixels | {pct(base['raw_pixels'])} | | | | | {pct(base['raw_pixels_linear'])} |" + " |" * 5,
         f"| random-init small CNN (width 16) | {pct(base['random_init'])} | | | | | "

@@ -61,10 +61,9 @@ def load_state(path: str, map_location="cpu") -> dict:
 
 
 def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: int, epoch: int = 0) -> None:
-    """A memory-bank recipe's fill pass, before `epoch` when its `fills_bank(epoch)` says so (`bank_init=encoder`:
-    before epoch 0 of a fresh start, a resumed run takes its bank from the checkpoint; `bank_init=epoch`: before
-    every epoch): one pass of the training stream through the network as it is (no gradients; BN in training mode,
-    as in the steps that follow) writes every bank row."""
+    """A memory-bank recipe's fill pass, run before `epoch` when the recipe's `fills_bank(epoch)` asks for it: one
+    pass of the training stream through the network as it is (no gradients; BN in training mode, as in the steps
+    that follow) writes every bank row."""
     t0, rows = time.perf_counter(), 0
     it = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True))
     while True:
