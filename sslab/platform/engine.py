@@ -16,9 +16,10 @@ from ..datasets.views import normalize, view_grid
 from ..recipes import registry
 from ..recipes.backbones import build_backbone
 from ..recipes.registry import RecipeContext
-from . import dist
+from .. import dist
 from .evaluate import eval_split, extract, knn_accuracy, pixel_knn
-from .optim import build_optimizer, cosine_ramp, lr_at
+from ..schedules import cosine_ramp, lr_at
+from .optim import build_optimizer
 from .spec import RunSpec
 
 STATE_FILE = "state.pt"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets.views import normalize
-from . import dist
+from .. import dist
 
 
 @torch.no_grad()

@@ -1,7 +1,5 @@
-"""Optimisers and the learning-rate schedule (a pure function of progress, so resume is exact)."""
+"""Optimisers: parameter groups (no decay on biases and norms) and the optimiser by name."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -30,16 +28,3 @@ def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float, wei
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final_ratio: float = 0.0) -> float:
-    """Linear warm-up to `peak` over `warmup_steps`, then cosine decay to `final_ratio * peak`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-def cosine_ramp(progress: float, start: float, end: float) -> float:
-    """Cosine schedule from `start` at progress 0 to `end` at progress 1 (BYOL/MoCo v3 momentum, DINO)."""
-    return end - (end - start) * (math.cos(math.pi * min(1.0, max(0.0, progress))) + 1) / 2

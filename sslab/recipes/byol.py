@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import asymmetric_views
-from ..platform.optim import cosine_ramp
+from ..schedules import cosine_ramp
 from .ema import ema_update, frozen_copy
 from .heads import mlp
 from .losses import negative_cosine

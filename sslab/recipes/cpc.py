@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
-from ..platform import dist
+from .. import dist
 from .registry import RecipeContext, StepOut, register
 
 

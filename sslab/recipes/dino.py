@@ -9,8 +9,8 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet, ViewSpec
-from ..platform import dist
-from ..platform.optim import cosine_ramp
+from .. import dist
+from ..schedules import cosine_ramp
 from .ema import ema_update, frozen_copy
 from .losses import multi_crop_cross_entropy
 from .registry import RecipeContext, StepOut, register

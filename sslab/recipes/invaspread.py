@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet
-from ..platform import dist
+from .. import dist
 from .instdisc import instance_spec
 from .registry import RecipeContext, StepOut, register
 

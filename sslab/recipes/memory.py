@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import knob
-from ..platform import dist
+from .. import dist
 
 LOSSES = ("nce", "softmax")
 BANK_INITS = ("random", "encoder", "epoch")

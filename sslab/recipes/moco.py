@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec, two_views
-from ..platform import dist
+from .. import dist
 from .ema import ema_update, frozen_copy
 from .heads import mlp
 from .losses import info_nce

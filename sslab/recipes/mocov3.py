@@ -20,8 +20,8 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet, ViewSpec
-from ..platform import dist
-from ..platform.optim import cosine_ramp
+from .. import dist
+from ..schedules import cosine_ramp
 from .ema import ema_update, frozen_copy
 from .heads import mlp
 from .registry import RecipeContext, StepOut, register

@@ -12,7 +12,7 @@ Optional hooks the engine calls when a recipe defines them:
 - ``check_spec(spec, manifest)`` (static): checks needing the engine/data settings, e.g. a queue length that
   must divide by the global batch; raise ``ConfigError``. Runs before any cluster time is spent.
 Recipes know nothing of Ray and never import torch.distributed; they get their device from the engine and
-their collectives from ``sslab.platform.dist``.
+their collectives from ``sslab.dist``.
 """
 from __future__ import annotations
 

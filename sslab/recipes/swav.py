@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
-from ..platform import dist
+from .. import dist
 from .dino import local_side
 from .heads import mlp
 from .losses import multi_crop_cross_entropy, sinkhorn

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.platform import dist
+from sslab import dist
 from sslab.recipes.instdisc import InstDisc, InstDiscConfig
 from sslab.recipes.memory import MemoryBank, nce_loss
 from sslab.recipes.registry import RecipeContext

@@ -58,7 +58,7 @@ def _recipe():
 
 
 def _worker(rank, world, v1, v2):
-    from sslab.platform import dist
+    from sslab import dist
 
     torch.set_num_threads(1)
     recipe = _recipe()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.config import ConfigError
-from sslab.platform import dist
+from sslab import dist
 from sslab.platform.spec import make_spec
 from sslab.recipes.losses import info_nce
 from sslab.recipes.moco import MoCo, MoCoConfig, MoCoV2Config

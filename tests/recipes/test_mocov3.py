@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.platform import dist
+from sslab import dist
 from sslab.recipes.backbones import ModelConfig, build_backbone
 from sslab.recipes.mocov3 import MoCoV3, MoCoV3Config, contrast
 from sslab.recipes.registry import RecipeContext

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sslab.config import ConfigError
-from sslab.platform import dist
+from sslab import dist
 from sslab.platform.spec import make_spec
 from sslab.recipes.registry import RecipeContext
 from sslab.recipes.simclrv2 import SimCLRv2, SimCLRv2Config
