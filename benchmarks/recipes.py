@@ -18,9 +18,10 @@ import torch
 
 from sslab.config import parse_overrides
 from sslab.datasets.shards import read_manifest
-from sslab.platform.evaluate import (eval_split, evaluate_checkpoint, extract, find_checkpoint, knn_accuracy,
-                                     load_trained, make_prepare)
-from sslab.platform.probe import linear_probe
+from sslab.evaluation.knn import eval_split, extract, knn_accuracy, make_prepare
+from sslab.evaluation.probe import linear_probe
+from sslab.platform.checkpoint import find_checkpoint, load_trained
+from sslab.platform.evaluate_runs import evaluate_checkpoint
 from sslab.platform.launch import train
 from sslab.platform.spec import make_spec
 from sslab.recipes import registry
@@ -74,7 +75,7 @@ def random_init_knn(spec) -> dict:
     (its starting point): the baseline that recipe must beat. For most recipes this is the plain backbone above;
     CMC (an encoder per channel group, concatenated), CPC (a patch-grid encoder) and SimCLR v2 (features from inside
     its head) evaluate a different network."""
-    from sslab.platform.engine import build_recipe
+    from sslab.platform.spec import build_recipe
 
     bx, by, qx, qy, m = eval_splits(spec.data.path)
     torch.manual_seed(spec.engine.seed)

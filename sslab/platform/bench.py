@@ -366,7 +366,7 @@ class ReportTimes(_UserCallback):
 def bare_loop(spec, steps: int, warmup: int, threads: int, rank: int = 0, world: int = 1) -> float:
     """steps/s of recipe forward + backward + optimizer step (+ the recipe's hooks) on views made beforehand."""
     from ..recipes import registry
-    from .engine import build_recipe
+    from .spec import build_recipe
     from .optim import build_optimizer
 
     torch.set_num_threads(threads)

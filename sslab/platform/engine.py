@@ -14,51 +14,16 @@ import torch
 from ..datasets.shards import read_manifest
 from ..datasets.views import normalize, view_grid
 from ..recipes import registry
-from ..recipes.backbones import build_backbone
-from ..recipes.registry import RecipeContext
 from .. import dist
-from .evaluate import eval_split, extract, knn_accuracy, pixel_knn
+from ..evaluation.diagnostics import collapse_score
+from ..evaluation.knn import eval_split, extract, knn_accuracy, pixel_knn
+from .checkpoint import load_state, save_state
 from ..schedules import cosine_ramp, lr_at
 from .optim import build_optimizer
-from .spec import RunSpec
-
-STATE_FILE = "state.pt"
-
+from .spec import RunSpec, build_recipe, steps_per_epoch
 
 class TrainingStopped(RuntimeError):
     """Raised when the run must not go on: a non-finite loss or a collapsed representation."""
-
-
-def build_recipe(spec: RunSpec, manifest, image_size: int) -> torch.nn.Module:
-    info = registry.get(spec.recipe_name)
-    ctx = RecipeContext(make_backbone=lambda in_chans=manifest.channels: build_backbone(spec.model, in_chans,
-                                                                                       image_size),
-                        num_train=manifest.count("train"), channels=manifest.channels, image_size=image_size,
-                        epochs=spec.engine.epochs, batch_size=spec.engine.batch_size,
-                        mean=tuple(manifest.mean), std=tuple(manifest.std))
-    return info.cls(spec.recipe, ctx)
-
-
-def steps_per_epoch(spec: RunSpec, num_train: int) -> int:
-    n = min(num_train, spec.data.limit) if spec.data.limit else num_train
-    steps = n // spec.engine.batch_size
-    return min(steps, spec.engine.steps_per_epoch) if spec.engine.steps_per_epoch else steps
-
-
-def collapse_score(embedding: torch.Tensor) -> float:
-    """SimSiam's collapse monitor: std over the batch of L2-normalised outputs, per dimension, averaged, times
-    sqrt(d). About 1 for a healthy spread-out representation, 0 when every input maps to one point."""
-    z = torch.nn.functional.normalize(embedding.float(), dim=1)
-    return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
-
-
-def save_state(path: str, recipe, optimizer, epoch: int, step: int, spec: RunSpec) -> None:
-    torch.save({"recipe": recipe.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "global_step": step, "spec": spec.to_dict()}, os.path.join(path, STATE_FILE))
-
-
-def load_state(path: str, map_location="cpu") -> dict:
-    return torch.load(os.path.join(path, STATE_FILE), map_location=map_location, weights_only=False)
 
 
 def fill_bank(recipe, shard, local_batch: int, columns, prepare, device, rank: int, epoch: int = 0) -> None:

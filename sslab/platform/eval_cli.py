@@ -8,12 +8,15 @@ from ..config import ConfigError, parse_overrides
 
 
 def add_commands(sub) -> None:
+    from ..evaluation.protocols import PROTOCOLS
+
     s = sub.add_parser("eval", help="evaluate a checkpoint: kNN, linear probe, fine-tuning; export; projector")
     s.add_argument("checkpoint", nargs="?", help="a checkpoint directory (holds state.pt) or a run directory "
                    "(its latest checkpoint_*)")
     s.add_argument("--data", help="evaluation data made by `sslab data prepare` (default: the run's own)")
-    s.add_argument("--protocol", nargs="+", choices=["knn", "linear", "finetune"],
-                   help="what to run (default knn, unless only --export/--projector is asked for)")
+    s.add_argument("--protocol", nargs="+", choices=PROTOCOLS.names(),
+                   help="what to run (default knn, unless only --export/--projector is asked for): " +
+                   "; ".join(f"{n}: {PROTOCOLS.get(n).__doc__.strip().splitlines()[0]}" for n in PROTOCOLS.names()))
     s.add_argument("--labels", default="10%", help="fine-tuning: class-balanced share of the labels, e.g. 1%%, "
                    "10%%, 100%% (fixed --seed)")
     s.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (default: 60 for 1%%, else 30)")
@@ -63,7 +66,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_checkpoint, results_table
+    from .evaluate_runs import evaluate_checkpoint, results_table
     from .export import export
 
     if args.table:

@@ -95,7 +95,7 @@ def backbones_of(encoder: nn.Module, model_cfg, channels: int, image_size: int) 
 def export(checkpoint: str, out_dir: str, data_dir: str | None = None) -> list[str]:
     """Write backbone.pt + backbone.json (and _1, _2, ... for encoders holding several backbones) to `out_dir`,
     then reload each into its library model and check the weights load strictly. Returns the JSON paths."""
-    from .evaluate import load_trained
+    from .checkpoint import load_trained
 
     t = load_trained(checkpoint, data_dir)
     spec = t.spec

@@ -9,8 +9,8 @@ from ..config import ConfigError
 from ..datasets.pipeline import train_dataset
 from ..datasets.shards import read_manifest
 from ..recipes import registry
-from .engine import steps_per_epoch, train_worker
-from .spec import RunSpec
+from .engine import train_worker
+from .spec import RunSpec, steps_per_epoch
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..config import ConfigError, asdict, build, knob, load_preset
 from ..datasets.pipeline import DataConfig
 from ..recipes import registry
-from ..recipes.backbones import ModelConfig
+from ..recipes.backbones import ModelConfig, build_backbone
+from ..recipes.registry import RecipeContext
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class EngineConfig:
 
 
 SECTIONS = {"engine": EngineConfig, "model": ModelConfig, "data": DataConfig}
+# keys earlier versions wrote into checkpoints that no longer exist; none of them changed what was trained
+RETIRED = {"engine": ("fault_step", "stop_after_epoch", "resume_from")}
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,10 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
+        """A spec as `to_dict` wrote it, also by an earlier sslab: keys since retired are dropped (RETIRED)."""
         info = registry.get(d["recipe_name"])
-        return cls(d["recipe_name"], *(build(SECTIONS[s], d[s], s) for s in ("engine", "model", "data")),
+        sections = {s: {k: v for k, v in d[s].items() if k not in RETIRED.get(s, ())} for s in SECTIONS}
+        return cls(d["recipe_name"], *(build(SECTIONS[s], sections[s], s) for s in ("engine", "model", "data")),
                    build(info.config, d["recipe"], "recipe"))
 
     def flat(self) -> dict[str, Any]:
@@ -98,3 +105,20 @@ def make_spec(recipe_name: str, overrides: dict[str, Any] | None = None, preset:
         sections[section][name] = value
     return RunSpec(recipe_name, *(build(SECTIONS[s], sections[s], s) for s in ("engine", "model", "data")),
                    build(info.config, sections["recipe"], "recipe"))
+
+
+def build_recipe(spec: RunSpec, manifest, image_size: int) -> torch.nn.Module:
+    """The recipe `spec` names, built for the data `manifest` describes at `image_size` px (random weights)."""
+    info = registry.get(spec.recipe_name)
+    ctx = RecipeContext(make_backbone=lambda in_chans=manifest.channels: build_backbone(spec.model, in_chans,
+                                                                                       image_size),
+                        num_train=manifest.count("train"), channels=manifest.channels, image_size=image_size,
+                        epochs=spec.engine.epochs, batch_size=spec.engine.batch_size,
+                        mean=tuple(manifest.mean), std=tuple(manifest.std))
+    return info.cls(spec.recipe, ctx)
+
+
+def steps_per_epoch(spec: RunSpec, num_train: int) -> int:
+    n = min(num_train, spec.data.limit) if spec.data.limit else num_train
+    steps = n // spec.engine.batch_size
+    return min(steps, spec.engine.steps_per_epoch) if spec.engine.steps_per_epoch else steps

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from sslab.platform.engine import STATE_FILE, TensorBoard
+from sslab.platform.checkpoint import STATE_FILE
+from sslab.platform.engine import TensorBoard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER_YAML = os.path.join(ROOT, "cluster.yaml")
@@ -243,5 +244,5 @@ def test_two_nodes_one_worker_each(two_node_cluster, tiny_dataset, tmp_path):
     assert sorted(train_nodes) == sorted(n.node_id for n in nodes)
     # checkpoint and TensorBoard events landed under the URI
     run_dir = tmp_path / "bucket" / "runs" / "multi"
-    assert torch.load(os.path.join(result.checkpoint.path, STATE_FILE), weights_only=False)["global_step"] == 2
+    assert torch.load(os.path.join(result.checkpoint.path, STATE_FILE), weights_only=True)["global_step"] == 2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))

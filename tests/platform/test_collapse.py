@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from sslab.platform.engine import STATE_FILE, collapse_score
+from sslab.evaluation.diagnostics import collapse_score
+from sslab.platform.checkpoint import STATE_FILE
 
 
 def test_collapse_score_is_one_when_spread_and_zero_when_collapsed():
@@ -46,7 +47,7 @@ def test_collapsing_run_is_stopped_naming_metric_step_and_last_good_checkpoint(l
     epoch, step, score, path, good_epoch, good_step = found.groups()
     assert float(score) < 0.4 and int(epoch) >= 2
     assert (int(good_epoch), int(good_step)) == (int(epoch) - 1, int(step) - 1)  # the epoch before, one step each
-    state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+    state = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
     assert (state["epoch"] + 1, state["global_step"]) == (int(good_epoch), int(good_step))
     run_dir = os.path.join(tmp_path, "collapse")
     # the collapsed state was never checkpointed: the newest checkpoint is the last good one

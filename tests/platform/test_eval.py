@@ -10,9 +10,12 @@ from torch import nn
 
 from sslab import cli
 from sslab.datasets.shards import read_manifest
-from sslab.platform.engine import build_recipe, save_state
-from sslab.platform.evaluate import features, find_checkpoint, make_prepare, results_table
-from sslab.platform.probe import balanced_subset, finetune, fit_logreg, linear_probe, parse_fraction
+from sslab.platform.checkpoint import save_state
+from sslab.platform.spec import build_recipe
+from sslab.evaluation.knn import extract, make_prepare
+from sslab.platform.checkpoint import find_checkpoint
+from sslab.platform.evaluate_runs import ray_extractor, results_table
+from sslab.evaluation.probe import balanced_subset, finetune, fit_logreg, linear_probe, parse_fraction
 from sslab.platform.spec import make_spec
 from sslab.recipes.backbones import SmallCNN
 
@@ -165,5 +168,4 @@ def test_feature_extraction_over_ray_tasks_matches_in_process(local_ray):
     enc = SmallCNN(1, 4).eval()
     images = torch.randint(0, 256, (37, 1, 16, 16), dtype=torch.uint8)
     prepare = make_prepare((0.5,), (0.25,), 16)
-    assert torch.allclose(features(enc, images, prepare, batch=8, ray_tasks=3), features(enc, images, prepare),
-                          atol=1e-6)
+    assert torch.allclose(ray_extractor(prepare, 3, batch=8)(enc, images), extract(enc, images, prepare), atol=1e-6)

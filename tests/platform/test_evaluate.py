@@ -1,7 +1,7 @@
 """The kNN monitor on problems whose answer is known."""
 import torch
 
-from sslab.platform.evaluate import knn_accuracy, knn_predict
+from sslab.evaluation.knn import knn_accuracy, knn_predict
 
 
 def test_knn_on_separated_clusters_is_perfect():

@@ -9,7 +9,8 @@ from torch import nn
 
 from sslab import cli
 from sslab.datasets.shards import read_manifest
-from sslab.platform.engine import build_recipe, save_state
+from sslab.platform.checkpoint import save_state
+from sslab.platform.spec import build_recipe
 from sslab.platform.export import export, load_exported
 from sslab.platform.spec import make_spec
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from sslab.platform.engine import STATE_FILE
+from sslab.platform.checkpoint import STATE_FILE
 from sslab.platform.launch import train
 from sslab.platform.spec import make_spec
 
@@ -85,7 +85,7 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, tiny_dataset, tmp
     # the final state is the one a run without the fault reaches: epoch, step counter and the recipe's integer
     # state. An uninterrupted run takes SPE steps every epoch, so its counters after epoch e are e times those
     # after epoch 1; a resume that lost or repeated state (buffers not restored, steps counted twice) breaks that
-    states = [torch.load(os.path.join(c.path, STATE_FILE), weights_only=False) for c, _ in result.best_checkpoints]
+    states = [torch.load(os.path.join(c.path, STATE_FILE), weights_only=True) for c, _ in result.best_checkpoints]
     assert [(s["epoch"], s["global_step"]) for s in states] == [(e, (e + 1) * SPE) for e in range(EPOCHS)]
     first, final = _counters(states[0]), _counters(states[-1])
     assert first and all(v.sum() > 0 for v in first.values()), "the recipe has integer state to compare"

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from sslab.platform.engine import STATE_FILE
+from sslab.platform.checkpoint import STATE_FILE
 from sslab.platform.launch import train
 from sslab.platform.spec import make_spec
 
@@ -25,7 +25,7 @@ def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_pa
     m = first.metrics
     assert m["epoch"] == 1 and m["step"] == 96 // 16 and torch.isfinite(torch.tensor(m["loss"]))
     assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["knn_top1_pixels"] <= 1.0
-    state = torch.load(os.path.join(first.checkpoint.path, STATE_FILE), weights_only=False)
+    state = torch.load(os.path.join(first.checkpoint.path, STATE_FILE), weights_only=True)
     assert state["epoch"] == 0 and state["global_step"] == 6
     assert os.listdir(os.path.join(storage, "e2e", "tensorboard")), "rank 0 writes TensorBoard events"
 
@@ -33,7 +33,7 @@ def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_pa
     second = train(_spec(tiny_dataset, **{"engine.epochs": 2}), name="e2e", storage=storage)
     assert second.error is None
     assert second.metrics["epoch"] == 2 and second.metrics["step"] == 12  # 6 steps more, not 12
-    resumed = torch.load(os.path.join(second.checkpoint.path, STATE_FILE), weights_only=False)
+    resumed = torch.load(os.path.join(second.checkpoint.path, STATE_FILE), weights_only=True)
     assert resumed["epoch"] == 1
     # training moved the weights on from the first checkpoint
     w0 = state["recipe"]["backbone.body.0.weight"]

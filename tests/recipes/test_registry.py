@@ -107,9 +107,8 @@ def test_cli_train_end_to_end(name, local_ray, tiny_dataset, tmp_path, capsys):
         # the pass wrote the 96 rows of the 6 whole global batches of 16 (of 97 images: the 97th stays random unless
         # a training step happens to visit it); the 2 training steps alone would touch 32
         from sslab.datasets.shards import read_manifest
-        from sslab.platform.engine import build_recipe, load_state
-        from sslab.platform.evaluate import find_checkpoint
-        from sslab.platform.spec import RunSpec
+        from sslab.platform.checkpoint import find_checkpoint, load_state
+        from sslab.platform.spec import RunSpec, build_recipe
 
         state = load_state(find_checkpoint(str(next(tmp_path.glob(f"cli-{name}*")))))
         spec = RunSpec.from_dict(state["spec"])
@@ -126,7 +125,7 @@ def test_bank_refill_before_every_epoch_end_to_end(bank_init, least, most, local
     """Between the checkpoints of epochs 1 and 2, bank_init=encoder changes only the rows epoch 2's two training
     steps visit (at most 32); bank_init=epoch also rewrites every row of the 6 whole global batches before epoch 2."""
     from sslab.cli import main
-    from sslab.platform.engine import load_state
+    from sslab.platform.checkpoint import load_state
 
     code = main(["train", "instdisc", "--data", tiny_dataset, "--epochs", "2", "--batch-size", "16", "--workers", "2",
                  "--name", "refill", "--storage", str(tmp_path), "engine.cpus_per_worker=0.5",

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from sslab.platform.engine import STATE_FILE
+from sslab.platform.checkpoint import STATE_FILE
 from sslab.tuning.report import write_report
 from sslab.tuning.runner import Sweep, run_sweep
 from sslab.tuning.spaces import parse_space, resolve
@@ -19,7 +19,7 @@ TINY = {"engine.epochs": 2, "engine.batch_size": 16, "engine.steps_per_epoch": 2
 
 def _states(run_dir):
     """The run's checkpoints' states, by epoch (0-based, as the engine stores it)."""
-    states = [torch.load(p, weights_only=False) for p in glob.glob(os.path.join(run_dir, "checkpoint_*", STATE_FILE))]
+    states = [torch.load(p, weights_only=True) for p in glob.glob(os.path.join(run_dir, "checkpoint_*", STATE_FILE))]
     return {s["epoch"]: s for s in states}
 
 
@@ -72,7 +72,7 @@ def test_pbt_exploit_clones_the_leaders_weights_and_queue(local_ray, tiny_datase
 
     (result,) = [r for r in grid if os.path.basename(r.path) == clone.trial]
     last = result.metrics_dataframe.iloc[-1]
-    donor_state = torch.load(os.path.join(last["resumed_from"], STATE_FILE), weights_only=False)
+    donor_state = torch.load(os.path.join(last["resumed_from"], STATE_FILE), weights_only=True)
     after = _states(os.path.join(sweep.runs, last["train_run"]))[1]  # the clone's segment from the donor's state
     own = _states(os.path.join(sweep.runs, clone.trial))[0]         # the clone's own state before the exploit
     assert donor_state["epoch"] == 0 and donor_state["spec"]["engine"]["seed"] != own["spec"]["engine"]["seed"]
