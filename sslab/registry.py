@@ -22,7 +22,9 @@ class Registry(Generic[T]):
 
     def add(self, name: str, entry: T) -> T:
         if name in self._entries:
-            raise ValueError(f"{self.kind} {name!r} is registered twice ({self._entries[name]!r} and {entry!r}); "
+            old = self._entries[name]
+            where = getattr(getattr(old, "cls", old), "__module__", None)   # a recipe's entry holds its class
+            raise ValueError(f"{self.kind} {name!r} is already registered{f' by {where}' if where else ''}; "
                              f"pick another name")
         self._entries[name] = entry
         return entry

@@ -69,3 +69,29 @@ def train_dataset(cfg: DataConfig, manifest, viewset):
     ds = ds.randomize_block_order()
     return ds.map_batches(MakeViews(viewset, manifest.channels), batch_size=cfg.batch_rows,
                           batch_format="numpy", num_cpus=cfg.cpus_per_task)
+
+
+def local_batches(cfg: DataConfig, manifest, viewset, seed: int = 0):
+    """The training stream without Ray, for in-process runs (tests, notebooks): the split decoded once and held in
+    memory, each pass in a new seeded order, views made batch by batch by the pipeline's own `make_views`. Returns
+    `batches(size)`, one pass per call: this rank's rows (rank::world of the pass's order) in batches of `size`,
+    as dicts of tensors shaped like Ray's (`{column: uint8 [n, C, s, s], "index": [n], "label": [n]}`)."""
+    import torch
+
+    from .. import dist
+    from .shards import load_split
+    from .views import make_views
+
+    images, labels, index = load_split(cfg.path, "train", cfg.limit or None)
+    passes = [0]
+
+    def batches(size: int):
+        rng = np.random.default_rng([seed, passes[0]])
+        passes[0] += 1
+        mine = rng.permutation(len(images))[dist.rank()::dist.world_size()]
+        for b in range(len(mine) // size):
+            rows = mine[b * size:(b + 1) * size]
+            views = make_views(images[rows], viewset, int(rng.integers(2**62)))
+            yield {c: torch.from_numpy(v) for c, v in views.items()} | {
+                "index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])}
+    return batches

@@ -1,4 +1,5 @@
-"""Start a training run: validate everything locally, start (or join) Ray, build the TorchTrainer, fit."""
+"""Start a training run: validate everything locally, start (or join) Ray, build the TorchTrainer, fit. The
+worker function runs the loop (loop.py) in the Ray context (context.py)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,9 @@ from ..config import ConfigError
 from ..datasets.pipeline import train_dataset
 from ..datasets.shards import read_manifest
 from ..recipes import registry
-from .engine import train_worker
+from .callbacks import default_callbacks
+from .context import RayContext
+from .loop import Trainer
 from .spec import RunSpec, steps_per_epoch
 
 
@@ -97,9 +100,24 @@ def run_name(spec: RunSpec, name: str | None) -> str:
     return name or f"{spec.recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def train_worker(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`: the loop in the Ray context, with the standard callbacks and the
+    caller's. `config` is what `train` puts in `train_loop_config`."""
+    spec = RunSpec.from_dict(config["spec"])
+    context = RayContext(config["run_dir"], config["start_from"])
+    callbacks = default_callbacks(config["log_dir"]) + list(config["callbacks"])
+    Trainer(spec, context, callbacks, stop_after_epoch=config["stop_after_epoch"]).run()
+
+
 def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None, address: str | None = None,
-          callbacks: list | None = None):
-    """Run (or resume, when `name` exists under `storage`) a training run; returns Ray Train's Result."""
+          callbacks: list | None = None, worker_callbacks=(), stop_after_epoch: int = 0, start_from: str = ""):
+    """Run (or resume, when `name` exists under `storage`) a training run; returns Ray Train's Result.
+
+    `callbacks`: Ray Train callbacks (they run in Train's controller, e.g. Tune's report callback);
+    `worker_callbacks`: loop callbacks (callbacks.Callback) run in every worker after the standard ones;
+    `stop_after_epoch`: end after that epoch while the schedules still span engine.epochs (PBT's segments);
+    `start_from`: a run with no checkpoint of its own starts from this checkpoint directory (path or URI) --
+    weights, optimizer, recipe state, epoch (PBT's exploit)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -118,7 +136,8 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
     log_dir = run_dir + "/tensorboard"  # a URI too: rank 0 writes locally and uploads every epoch
     viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data,
                                                   spec.data.crop_size or manifest.image_size[0])
-    config = spec.to_dict() | {"log_dir": log_dir, "run_dir": run_dir}
+    config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir, "callbacks": list(worker_callbacks),
+              "stop_after_epoch": stop_after_epoch, "start_from": start_from}
     print(f"[sslab] run {name}: {spec.recipe_name} on {manifest.count('train')} images, "
           f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
           f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")

@@ -12,7 +12,7 @@ from ..config import ConfigError, asdict, build, knob, load_preset
 from ..datasets.pipeline import DataConfig
 from ..recipes import registry
 from ..recipes.backbones import ModelConfig, build_backbone
-from ..recipes.registry import RecipeContext
+from ..recipes.protocol import RecipeContext
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,7 @@ class EngineConfig:
     max_failures: int = knob(0, "worker-group restarts from the last checkpoint before the run fails", min=0)
     worker_resource: str = knob("", "custom Ray resource each Train worker takes 1 unit of, e.g. one per node "
                                     "(`ray start --resources='{\"NAME\": 1}'`); empty = none")
-    fault_step: int = knob(0, "TESTING ONLY: the last rank's process dies once before this (1-based) step, to "
-                              "prove restarts (tests/platform/test_fault_tolerance.py); 0 = never", min=0)
-    stop_after_epoch: int = knob(0, "end this fit() after that epoch while schedules still span engine.epochs "
-                                    "(0 = run to the end); PBT trains in segments this way", min=0)
-    resume_from: str = knob("", "a run with no checkpoint of its own starts from this checkpoint directory (path "
-                                "or URI): weights, optimizer, recipe state, epoch; PBT's exploit branches this way")
+
 
 
 SECTIONS = {"engine": EngineConfig, "model": ModelConfig, "data": DataConfig}

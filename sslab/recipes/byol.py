@@ -12,7 +12,8 @@ from ..schedules import cosine_ramp
 from .ema import ema_update, frozen_copy
 from .heads import mlp
 from .losses import negative_cosine
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def byol_views(rc, data, size):
 # §3.3: LARS, lr 0.2 x B/256, weight decay 1.5e-6 (not on biases and BN); crops of 8-100% of the area
 @register("byol", config=BYOLConfig, views=byol_views,
           engine={"optimizer": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6, "data.min_scale": 0.08})
-class BYOL(nn.Module):
+class BYOL(nn.Module, Recipe):
     """BYOL: an online network predicts an EMA target network's projection of the other view; no negatives."""
 
     def __init__(self, cfg: BYOLConfig, ctx: RecipeContext):

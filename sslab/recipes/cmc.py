@@ -9,8 +9,9 @@ from torch import nn
 
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank, bank_init_knob, fills_bank, loss_knob, z_momentum_knob
-from .registry import RecipeContext, StepOut, register
+from .memory import MemoryBank, bank_init_knob, fill_pass, fills_bank, loss_knob, z_momentum_knob
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 SPLITS = ("auto", "lab", "intensity_gradient")
 # sRGB (D65) -> CIE XYZ, and the D65 white point
@@ -110,7 +111,7 @@ def cmc_views(rc, data, size):
 # the authors' code: SGD lr 0.03 at batch 256, momentum 0.9, weight decay 1e-4
 @register("cmc", config=CMCConfig, views=cmc_views,
           engine={"optimizer": "sgd", "base_lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4})
-class CMC(nn.Module):
+class CMC(nn.Module, Recipe):
     """CMC: an encoder per modality, each view's features contrasted with the other view's memory bank (NCE)."""
 
     def __init__(self, cfg: CMCConfig, ctx: RecipeContext):
@@ -140,6 +141,9 @@ class CMC(nn.Module):
         fa, fb = self.features(views)
         self.bank_a.fill(fa, batch["index"])
         self.bank_b.fill(fb, batch["index"])
+
+    def before_epoch(self, epoch: int, data) -> dict:
+        return fill_pass(data, self.fill_bank) if self.fills_bank(epoch) else {}
 
     def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
         fa, fb = self.features(views)

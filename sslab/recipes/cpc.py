@@ -19,7 +19,8 @@ from torch import nn
 from ..config import ConfigError, knob
 from ..datasets.views import ViewSet, ViewSpec
 from .. import dist
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def cpc_views(rc, data, size):
 
 @register("cpc", config=CPCConfig, views=cpc_views,
           engine={"optimizer": "adamw", "base_lr": 1e-3, "weight_decay": 1e-5})
-class CPC(nn.Module):
+class CPC(nn.Module, Recipe):
     """CPC v2 (images): patch grid, masked-conv context, InfoNCE over k-rows-ahead predictions, global negatives."""
 
     def __init__(self, cfg: CPCConfig, ctx: RecipeContext):

@@ -13,7 +13,8 @@ from .. import dist
 from ..schedules import cosine_ramp
 from .ema import ema_update, frozen_copy
 from .losses import multi_crop_cross_entropy
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Student(nn.Module):
 @register("dino", config=DINOConfig, views=dino_views,
           engine={"optimizer": "adamw", "base_lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
                   "clip_grad": 3.0, "model.name": "vit_tiny", "model.drop_path": 0.1, "data.min_scale": 0.4})
-class DINO(nn.Module):
+class DINO(nn.Module, Recipe):
     """DINO: a student matches a centred, sharpened EMA teacher across crops (self-distillation, no labels)."""
 
     def __init__(self, cfg: DINOConfig, ctx: RecipeContext):

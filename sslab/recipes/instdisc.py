@@ -9,8 +9,9 @@ from torch import nn
 
 from ..config import knob
 from ..datasets.views import ViewSet, ViewSpec
-from .memory import MemoryBank, bank_init_knob, fills_bank, loss_knob, z_momentum_knob
-from .registry import RecipeContext, StepOut, register
+from .memory import MemoryBank, bank_init_knob, fill_pass, fills_bank, loss_knob, z_momentum_knob
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def instdisc_views(rc, data, size):
 # CIFAR script (their ImageNet script uses 1e-4)
 @register("instdisc", config=InstDiscConfig, views=instdisc_views,
           engine={"optimizer": "sgd", "base_lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4})
-class InstDisc(nn.Module):
+class InstDisc(nn.Module, Recipe):
     """InstDisc: one view, linear 128-d head, a memory bank of every image, NCE against K uniform noise rows."""
 
     def __init__(self, cfg: InstDiscConfig, ctx: RecipeContext):
@@ -59,6 +60,9 @@ class InstDisc(nn.Module):
     @torch.no_grad()
     def fill_bank(self, views: list[torch.Tensor], batch: dict) -> None:
         self.bank.fill(self.features(views), batch["index"])
+
+    def before_epoch(self, epoch: int, data) -> dict:
+        return fill_pass(data, self.fill_bank) if self.fills_bank(epoch) else {}
 
     def forward(self, views: list[torch.Tensor], batch: dict, progress: float) -> StepOut:
         f = self.features(views)

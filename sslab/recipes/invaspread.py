@@ -11,7 +11,8 @@ from ..config import knob
 from ..datasets.views import ViewSet
 from .. import dist
 from .instdisc import instance_spec
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def invaspread_views(rc, data, size):
 # the authors' CIFAR setting: SGD lr 0.03 at batch 128 (base_lr is per 256), momentum 0.9, weight decay 5e-4
 @register("invaspread", config=InvaSpreadConfig, views=invaspread_views,
           engine={"optimizer": "sgd", "base_lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128})
-class InvaSpread(nn.Module):
+class InvaSpread(nn.Module, Recipe):
     """InvaSpread: one encoder end to end, linear head + L2 norm, negatives only from the (global) batch."""
 
     def __init__(self, cfg: InvaSpreadConfig, ctx: RecipeContext):

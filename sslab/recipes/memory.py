@@ -15,8 +15,8 @@ and the negatives' seed and step counter are buffers, so a checkpoint resumes th
   fell to 33% after 2 epochs and 28% after 10, below the untrained network's 74%).
 - `softmax(f, index, neg, tau)`: the alternative loss of the CMC authors' later code, cross-entropy of the own row
   against the K noise rows; needs no Z.
-- `fill(f, index)` gathers the global batch and writes its rows outright: the engine's `bank_init=encoder` pass
-  (`engine.fill_bank`), one forward pass of the untrained network over the training stream before epoch 1
+- `fill(f, index)` gathers the global batch and writes its rows outright: with `bank_init=encoder`, the recipe's
+  `before_epoch` hook runs `fill_pass`, one forward pass of the untrained network over the training stream before epoch 1
   (`bank_init=epoch`: the same pass before every epoch, with the network as it then is). With random rows (the
   papers' start), every positive is noise until its image's first visit while the negatives fill up with real
   features; on Fashion-MNIST that first epoch pulled InstDisc's kNN from 73.75% (untrained) to 62-63%; after the
@@ -64,8 +64,21 @@ def bank_init_knob():
 
 
 def fills_bank(bank_init: str, epoch: int) -> bool:
-    """Whether the engine's fill pass runs before `epoch` (0-based) under the knob above."""
+    """Whether the fill pass runs before `epoch` (0-based) under the knob above."""
     return bank_init == "epoch" or (bank_init == "encoder" and epoch == 0)
+
+
+@torch.no_grad()
+def fill_pass(data, fill) -> dict[str, int]:
+    """One pass of the training stream through the network as it is, no gradients (BN in training mode, as in the
+    steps that follow): `fill(views, batch)` writes each whole global batch's rows. `data` yields (views, batch)
+    with the same number of batches on every rank (the loop's guarantee: `fill` is a collective); the rows of a
+    last, partial global batch stay as they were until their first visit. Returns the rows written."""
+    rows = 0
+    for views, batch in data:
+        fill(views, batch)
+        rows += len(batch["index"]) * dist.world_size()
+    return {"bank_rows_filled": rows}
 
 
 def nce_loss(pos: torch.Tensor, neg: torch.Tensor, log_z: torch.Tensor | float, num_data: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ from .. import dist
 from .ema import ema_update, frozen_copy
 from .heads import mlp
 from .losses import info_nce
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _check_queue(queue_size: int, batch: int) -> None:
 
 @register("mocov1", config=MoCoConfig, views=mocov1_views,
           engine={"optimizer": "sgd", "base_lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 0})
-class MoCo(nn.Module):
+class MoCo(nn.Module, Recipe):
     """MoCo v1: momentum key encoder, a queue of 65536 gathered keys as negatives, linear head, shuffle-BN."""
 
     sync_bn = False  # shuffle-BN needs per-worker BatchNorm statistics

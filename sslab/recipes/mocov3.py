@@ -24,7 +24,8 @@ from .. import dist
 from ..schedules import cosine_ramp
 from .ema import ema_update, frozen_copy
 from .heads import mlp
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def contrast(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
 
 @register("mocov3", config=MoCoV3Config, views=mocov3_views,
           engine={"optimizer": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10})
-class MoCoV3(nn.Module):
+class MoCoV3(nn.Module, Recipe):
     """MoCo v3: momentum encoder, prediction head, symmetrised InfoNCE over the gathered keys of the batch."""
 
     def __init__(self, cfg: MoCoV3Config, ctx: RecipeContext):

@@ -1,48 +1,14 @@
-"""The recipe registry and the small protocol the engine knows recipes by.
-
-A recipe is a plain ``nn.Module``:
-- ``forward(views, batch, progress) -> StepOut`` computes one step's loss. ``views`` is a list of normalised
-  float tensors, one per view column (multi-crop: globals first); ``batch`` holds "index" and "label" [n];
-  ``progress`` in [0, 1] drives every schedule (momentum, temperatures), so resume is exact.
-- ``encoder()`` returns the backbone that evaluation and export use.
-Optional hooks the engine calls when a recipe defines them:
-- ``before_optimizer_step(progress)``: after backward, before clipping and the step (DINO zeroes the last layer's
-  gradient in the first epoch; SwAV freezes its prototypes).
-- ``after_step(progress)``: non-gradient state updates (EMA targets, queues, banks, centres).
-- ``check_spec(spec, manifest)`` (static): checks needing the engine/data settings, e.g. a queue length that
-  must divide by the global batch; raise ``ConfigError``. Runs before any cluster time is spent.
-Recipes know nothing of Ray and never import torch.distributed; they get their device from the engine and
-their collectives from ``sslab.dist``.
-"""
+"""The recipe registry: `@register(name, config=..., views=...)` on a recipe class adds it. Every module of this
+package is imported on first use, so a new recipe is one new file."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from ..config import ConfigError
-
-
-@dataclass
-class StepOut:
-    loss: torch.Tensor                      # scalar to minimise
-    metrics: dict[str, Any] = field(default_factory=dict)  # extra scalars to log (detached)
-    embedding: torch.Tensor | None = None   # [n, d] outputs for the collapse monitor (std of L2-normalised rows)
-
-
-@dataclass(frozen=True)
-class RecipeContext:
-    """What a recipe may know about its run, handed over by the engine."""
-    make_backbone: Callable[..., nn.Module]  # make_backbone(in_chans=channels): fresh backbone with .feat_dim
-    num_train: int                          # training images (memory banks need one slot each)
-    channels: int
-    image_size: int
-    epochs: int
-    batch_size: int                         # global batch, all workers together
-    mean: tuple[float, ...] = ()            # per-channel normalisation of the views: x = (pixel/255 - mean) / std;
-    std: tuple[float, ...] = ()             # () = none (CMC undoes it to convert RGB to Lab)
+from ..registry import Registry
+from .protocol import Recipe, RecipeContext, StepOut  # noqa: F401  (re-exported for recipes)
 
 
 @dataclass(frozen=True)
@@ -55,30 +21,38 @@ class RecipeInfo:
     summary: str
 
 
-_REGISTRY: dict[str, RecipeInfo] = {}
+def _load_all() -> None:
+    import importlib
+    import pkgutil
+
+    from .. import recipes
+
+    for m in pkgutil.iter_modules(recipes.__path__):
+        importlib.import_module(f"{recipes.__name__}.{m.name}")
+
+
+RECIPES: Registry[RecipeInfo] = Registry("recipe", load=_load_all)
 
 
 def register(name: str, *, config: type, views: Callable, engine: dict | None = None):
-    """Class decorator adding a recipe to the registry under `name`."""
+    """Class decorator adding a recipe under `name`. The class must be `class X(nn.Module, Recipe)` (the hooks'
+    defaults come from `Recipe`) and define `forward` and `encoder`."""
     def deco(cls):
+        if nn.Module not in cls.__mro__ or Recipe not in cls.__mro__:
+            raise TypeError(f"recipe {name!r}: declare it as `class {cls.__name__}(nn.Module, Recipe)`")
+        own = cls.__mro__[:cls.__mro__.index(nn.Module)]          # the recipe's classes, before torch's
+        missing = [m for m in ("forward", "encoder") if not any(m in vars(k) for k in own)]
+        if missing:
+            raise TypeError(f"recipe {name!r}: {cls.__name__} does not define {', '.join(missing)}")
         doc = (cls.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = RecipeInfo(name, cls, config, views, dict(engine or {}), doc[0] if doc else "")
+        RECIPES.add(name, RecipeInfo(name, cls, config, views, dict(engine or {}), doc[0] if doc else ""))
         return cls
     return deco
 
 
 def get(name: str) -> RecipeInfo:
-    _load_all()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown recipe {name!r}; registered recipes: {', '.join(names())}")
-    return _REGISTRY[name]
+    return RECIPES.get(name)
 
 
 def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def _load_all() -> None:
-    # importing the package imports every recipe module, each registering itself
-    from .. import recipes  # noqa: F401
+    return RECIPES.names()

@@ -11,7 +11,8 @@ from ..config import knob
 from ..datasets.views import two_views
 from .heads import mlp
 from .losses import nt_xent
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def simclr_views(rc, data, size):
 
 @register("simclr", config=SimCLRConfig, views=simclr_views,
           engine={"optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6})
-class SimCLR(nn.Module):
+class SimCLR(nn.Module, Recipe):
     """SimCLR v1: two views, MLP projection, NT-Xent whose negatives are the whole global batch."""
 
     def __init__(self, cfg: SimCLRConfig, ctx: RecipeContext):

@@ -10,7 +10,8 @@ from ..config import knob
 from ..datasets.views import two_views
 from .heads import mlp
 from .losses import negative_cosine
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ def simsiam_views(rc, data, size):
 # (The paper keeps the predictor's lr fixed, not decayed; the engine decays every group alike.)
 @register("simsiam", config=SimSiamConfig, views=simsiam_views,
           engine={"optimizer": "sgd", "base_lr": 0.05, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0})
-class SimSiam(nn.Module):
+class SimSiam(nn.Module, Recipe):
     """SimSiam: one shared encoder, a predictor and a stop-gradient; no negatives, no momentum encoder."""
 
     def __init__(self, cfg: SimSiamConfig, ctx: RecipeContext):

@@ -13,7 +13,8 @@ from .. import dist
 from .dino import local_side
 from .heads import mlp
 from .losses import multi_crop_cross_entropy, sinkhorn
-from .registry import RecipeContext, StepOut, register
+from .protocol import Recipe, RecipeContext, StepOut
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def swav_views(rc, data, size):
 @register("swav", config=SwAVConfig, views=swav_views,
           engine={"optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "final_lr_ratio": 0.001,
                   "data.min_scale": 0.14})
-class SwAV(nn.Module):
+class SwAV(nn.Module, Recipe):
     """SwAV: predict the Sinkhorn code of one crop from the others, codes balanced over prototypes."""
 
     def __init__(self, cfg: SwAVConfig, ctx: RecipeContext):

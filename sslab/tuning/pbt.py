@@ -2,9 +2,9 @@
 Networks", 2017): a trial trains in segments of `interval` epochs, reports each segment's end to Tune *with* its
 checkpoint, and a lagging trial restarts from a leader's checkpoint with perturbed hyperparameters.
 
-A segment is one `fit()` that stops after an epoch (`engine.stop_after_epoch`) while its schedules still span
+A segment is one `fit()` that stops after an epoch (`train(..., stop_after_epoch=)`) while its schedules still span
 `engine.epochs`. A trial that starts from a Tune checkpoint — a clone after an exploit, or its own after a pause —
-starts a new Train run from it (`engine.resume_from`), so the clone carries everything the engine checkpoints:
+starts a new Train run from it (`train(..., start_from=)`), so the clone carries everything the engine checkpoints:
 weights, optimizer and every recipe buffer (queue, momentum encoder, memory bank, centre). Only continuous
 ranges are perturbed; choices (which may size a queue or a head) travel unchanged with the cloned config.
 """
@@ -90,8 +90,7 @@ def segment_driver(config: dict, sweep) -> None:
     epochs = sweep.epochs
     while epoch < epochs:
         stop = min(epochs, (epoch // sweep.interval + 1) * sweep.interval)
-        spec = sweep.spec({**overrides, "engine.stop_after_epoch": stop, "engine.resume_from": resume})
-        result = train(spec, name=run, storage=sweep.runs)
+        result = train(sweep.spec(overrides), name=run, storage=sweep.runs, stop_after_epoch=stop, start_from=resume)
         if not result.metrics or result.checkpoint is None:
             raise RuntimeError(f"Train run {run} reported nothing for epochs {epoch + 1}-{stop}")
         metrics = dict(result.metrics)

@@ -18,8 +18,7 @@ from .plots import scatter_png
 from .runner import METRIC, Sweep
 
 # keys the preset leaves out: where the data is, and how the sweep placed and segmented its runs
-NOT_IN_PRESET = ("data.path", "engine.workers", "engine.cpus_per_worker", "data.cpus_per_task",
-                 "engine.stop_after_epoch", "engine.resume_from")
+NOT_IN_PRESET = ("data.path", "engine.workers", "engine.cpus_per_worker", "data.cpus_per_task")
 
 
 @dataclass

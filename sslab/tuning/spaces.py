@@ -37,8 +37,7 @@ NAMED: dict[str, tuple[str, str, tuple]] = {
     "strength": ("data.strength", "uniform", (0.25, 1.5)),
 }
 # keys a sweep sets itself (or that would break it): tuned through flags, never through a range
-RESERVED = {"data.path": "--data", "engine.epochs": "--epochs", "engine.workers": "--workers-per-trial",
-            "engine.stop_after_epoch": "the PBT driver", "engine.resume_from": "the PBT driver"}
+RESERVED = {"data.path": "--data", "engine.epochs": "--epochs", "engine.workers": "--workers-per-trial"}
 COMMON = ("data.strength", "data.min_scale", "data.blur_p", "engine.base_lr", "engine.weight_decay",
           "engine.warmup_epochs", "engine.batch_size")
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from sslab.platform.checkpoint import STATE_FILE
-from sslab.platform.engine import TensorBoard
+from sslab.platform.callbacks import TensorBoard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER_YAML = os.path.join(ROOT, "cluster.yaml")

@@ -1,7 +1,8 @@
 """A Train worker process dies mid-epoch; the group restarts from the last checkpoint and the run completes.
 
-The fault is injected with the test-only knob engine.fault_step: the last rank calls os._exit(1) before that step,
-the first time only (a marker in the run directory keeps the restarted group alive). `pytest -s` prints the cost.
+The fault is injected by a loop callback defined here (`fault_at`): the last rank calls os._exit(1) before a given
+step, the first time only (a marker in the run directory keeps the restarted group alive). `pytest -s` prints the
+cost.
 """
 import json
 import math
@@ -18,6 +19,36 @@ pytestmark = pytest.mark.ray
 
 EPOCHS, SPE = 2, 2     # 2 steps an epoch: checkpoints after steps 2 and 4
 FAULT_STEP = 4         # dies before the 4th step: epoch 2 is half done, the last checkpoint is epoch 1's
+
+
+def fault_at(step: int, run_dir: str):
+    """A loop callback: the last rank's process dies before global step `step` (1-based), the first time only, as
+    a lost worker would. A marker in the run directory (shared by every node) keeps the restarted group alive.
+    Defined inside a function so Ray pickles the class by value into its workers."""
+    import time
+
+    from sslab.platform.callbacks import Callback
+
+    class InjectFault(Callback):
+        def on_step_start(self, trainer, at):
+            rank, world = trainer.ctx.rank, trainer.ctx.world_size
+            marker = os.path.join(run_dir, "fault_injected")
+            if at != step - 1 or rank != world - 1 or os.path.exists(marker):
+                return
+            # Train's controller collects reports (checkpoints) by polling every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+            # (2 s): a worker lost sooner than that after a report can take the report with it, and the run then
+            # resumes from the checkpoint before. Wait out two polls, so the fault lands where a real one usually
+            # does, long after the last checkpoint.
+            time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+            os.makedirs(run_dir, exist_ok=True)
+            with open(marker, "w") as f:
+                f.write(f"rank {rank} exited before step {at + 1} at {time.time():.3f}\n")
+            print(f"[sslab] fault injected: rank {rank} exits before step {at + 1}", flush=True)
+            os._exit(1)
+
+    return InjectFault()
+
+
 FAST = {"engine.batch_size": 16, "engine.workers": 2, "engine.cpus_per_worker": 0.5, "engine.epochs": EPOCHS,
         "engine.steps_per_epoch": SPE, "engine.knn_every": 0, "engine.checkpoint_keep": EPOCHS,
         "model.width": 4, "recipe.hidden": 16, "recipe.dim": 8, "data.limit": 32, "data.batch_rows": 32}
@@ -62,9 +93,9 @@ def _counters(state: dict) -> dict:
 
 def test_killed_worker_resumes_from_last_checkpoint(local_ray, tiny_dataset, tmp_path, capfd):
     storage, log = str(tmp_path / "runs"), str(tmp_path / "reports.jsonl")
-    spec = make_spec("simclr", {"data.path": tiny_dataset, **FAST,
-                                "engine.fault_step": FAULT_STEP, "engine.max_failures": 1})
-    result = train(spec, name="faulty", storage=storage, callbacks=[report_log(log)])
+    spec = make_spec("simclr", {"data.path": tiny_dataset, **FAST, "engine.max_failures": 1})
+    result = train(spec, name="faulty", storage=storage, callbacks=[report_log(log)],
+                   worker_callbacks=[fault_at(FAULT_STEP, os.path.join(storage, "faulty"))])
     printed = forwarded_output(capfd, "resumed from checkpoint")
 
     assert result.error is None

@@ -9,7 +9,7 @@ import torch
 from sslab.datasets.pipeline import DataConfig
 from sslab.recipes.backbones import ModelConfig, build_backbone
 from sslab.recipes.byol import BYOL, BYOLConfig, byol_views
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 SIZE = 12
 

@@ -138,8 +138,7 @@ def test_two_workers_equal_one_process(gloo):
 
 
 def test_fill_pass_writes_both_banks_from_their_own_modality():
-    from tests.recipes.test_instdisc import FakeShard
-    from sslab.platform.engine import fill_bank
+    from tests.recipes.test_instdisc import fill_before_epoch
 
     torch.manual_seed(0)
     recipe = CMC(CMCConfig(nce_k=6, split="lab", bank_init="encoder"), tiny_ctx(channels=3, mean=MEAN, std=STD))
@@ -148,6 +147,6 @@ def test_fill_pass_writes_both_banks_from_their_own_modality():
         a, b = ModalitySplit("lab", MEAN, STD)(x)
         fa = F.normalize(recipe.head_a(recipe.net.enc_a(a)), dim=1)
         fb = F.normalize(recipe.head_b(recipe.net.enc_b(b)), dim=1)
-    fill_bank(recipe, FakeShard([(x, index)]), 8, ["view"], lambda v: v, "cpu", 0)
+    fill_before_epoch(recipe, [(x, index)], 8)
     assert torch.allclose(recipe.bank_a.rows[index], fa, atol=1e-6)
     assert torch.allclose(recipe.bank_b.rows[index], fb, atol=1e-6)

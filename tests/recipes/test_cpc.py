@@ -11,7 +11,7 @@ from torch import nn
 from sslab.config import ConfigError
 from sslab.platform.spec import make_spec
 from sslab.recipes.cpc import CPC, CPCConfig, MaskedContext, PatchEncoder, grid_geometry, grid_infonce
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 
 def cpc_reference(pred, z_all, rows, neg_idx):

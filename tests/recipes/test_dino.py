@@ -7,7 +7,7 @@ import torch
 
 from sslab.recipes.backbones import ModelConfig, build_backbone
 from sslab.recipes.dino import DINO, DINOConfig
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 SIZE, LOCAL = 16, 7  # 7 px locals: not a whole number of 4 px patches, so the ViT pads them
 

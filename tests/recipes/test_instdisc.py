@@ -11,7 +11,7 @@ from torch import nn
 from sslab import dist
 from sslab.recipes.instdisc import InstDisc, InstDiscConfig
 from sslab.recipes.memory import MemoryBank, nce_loss
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 
 class FlatLinear(nn.Module):
@@ -230,27 +230,22 @@ def test_two_workers_equal_one_process(gloo, factory):
     assert_same_as_single(gloo(_instdisc_worker, 2, xs, idxs, factory), single)
 
 
-class FakeShard:
-    """Ray Train's dataset shard as the engine's fill pass uses it: `iter_torch_batches` over given batches."""
+def fill_before_epoch(recipe, batches, local_batch, epoch=0):
+    """The recipe's before_epoch hook given the loop's pass over `batches` [(x, index), ...] (the pass stops at the
+    first batch short of `local_batch` rows on any rank)."""
+    from sslab.platform.loop import whole_batches
 
-    def __init__(self, batches):
-        self.batches = batches
-
-    def iter_torch_batches(self, batch_size, drop_last):
-        for x, index in self.batches:
-            if drop_last and len(x) < batch_size:
-                return
-            yield {"view": x, "index": index, "label": index}
+    stream = ({"view": x, "index": index, "label": index} for x, index in batches)
+    data = ((views, batch) for views, batch, _ in whole_batches(stream, local_batch, ["view"], lambda v: v, "cpu"))
+    return recipe.before_epoch(epoch, data)
 
 
 def _fill(rank, world, batches_per_rank, factory, local_batch):
-    """The engine's bank_init=encoder pass over this rank's batches; returns the recipe's state."""
-    from sslab.platform.engine import fill_bank
-
+    """The bank_init=encoder pass over this rank's batches; returns the recipe's state."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     recipe = factory()
-    fill_bank(recipe, FakeShard(batches_per_rank[rank]), local_batch, ["view"], lambda v: v, "cpu", rank)
+    fill_before_epoch(recipe, batches_per_rank[rank], local_batch)
     return recipe.state_dict()
 
 

@@ -14,7 +14,7 @@ from sslab import dist
 from sslab.platform.spec import make_spec
 from sslab.recipes.losses import info_nce
 from sslab.recipes.moco import MoCo, MoCoConfig, MoCoV2Config
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 SIZE = 4
 

@@ -11,7 +11,7 @@ from torch import nn
 from sslab import dist
 from sslab.recipes.backbones import ModelConfig, build_backbone
 from sslab.recipes.mocov3 import MoCoV3, MoCoV3Config, contrast
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 from conftest import FlatLinear
 

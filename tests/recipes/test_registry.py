@@ -9,7 +9,7 @@ from sslab.datasets.pipeline import DataConfig
 from sslab.datasets.views import make_views, normalize
 from sslab.recipes import registry
 from sslab.recipes.backbones import ModelConfig, build_backbone
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 
 SIZE, CHANNELS, N = 16, 1, 8
 

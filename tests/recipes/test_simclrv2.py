@@ -10,7 +10,7 @@ from torch import nn
 from sslab.config import ConfigError
 from sslab import dist
 from sslab.platform.spec import make_spec
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 from sslab.recipes.simclrv2 import SimCLRv2, SimCLRv2Config
 
 from conftest import FlatLinear

@@ -6,7 +6,7 @@ import torch
 
 from sslab.recipes.backbones import ModelConfig, build_backbone
 from sslab.recipes.losses import negative_cosine
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 from sslab.recipes.simsiam import SimSiam, SimSiamConfig
 
 SIZE = 12

@@ -10,7 +10,7 @@ from sslab.config import ConfigError
 from sslab.platform.spec import make_spec
 from sslab.recipes.backbones import ModelConfig, build_backbone
 from sslab.recipes.losses import multi_crop_cross_entropy, sinkhorn
-from sslab.recipes.registry import RecipeContext
+from sslab.recipes.protocol import RecipeContext
 from sslab.recipes.swav import SwAV, SwAVConfig
 
 SIZE, LOCAL = 12, 6

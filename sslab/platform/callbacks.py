@@ -1,0 +1,166 @@
+"""What watches a run: the kNN monitor, the collapse guard, TensorBoard and the console. Each is a `Callback` the
+loop calls at fixed points; a callback may add metrics in `on_epoch_end` (monitors run first, loggers last, in the
+order of `default_callbacks`) or ask the loop to stop (`trainer.request_stop`). Tests add their own (fault
+injection lives in tests/, not here).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+
+import torch
+
+from .. import dist
+from ..datasets.views import view_grid
+from ..evaluation.diagnostics import collapse_score
+from ..evaluation.knn import eval_split, extract, knn_accuracy, pixel_knn
+
+
+class Callback:
+    """Hooks of a run; each defaults to nothing. `trainer` is the running `loop.Trainer`."""
+
+    def on_run_start(self, trainer) -> None:
+        """After setup and resume, before the first epoch of this run."""
+
+    def on_step_start(self, trainer, step: int) -> None:
+        """Before global step `step` (0-based), its batch in hand."""
+
+    def on_step_end(self, trainer, batch: dict, out) -> None:
+        """After the step: `batch` as the stream gave it (uint8 views), `out` the recipe's StepOut."""
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        """After the epoch's steps, before its checkpoint and report: add to `metrics`, or stop the run."""
+
+    def on_run_end(self, trainer) -> None:
+        """After the last epoch of this run."""
+
+
+class KnnMonitor(Callback):
+    """Weighted kNN top-1 of the encoder's features (engine.knn_*: bank of training images, test queries) every
+    `knn_every` epochs and at the last, beside the same kNN on raw pixels. Needs labels and a test split."""
+
+    def on_run_start(self, trainer) -> None:
+        eng, m = trainer.spec.engine, trainer.manifest
+        self.on = bool(eng.knn_every) and m.num_classes > 0 and m.count("test") > 0
+        self.baseline = None
+        if eng.knn_every and not self.on:
+            trainer.log("[sslab] kNN monitor off: the dataset has no labels or no test split")
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        eng, done = trainer.spec.engine, trainer.epoch + 1
+        if not (self.on and (done % eng.knn_every == 0 or done == trainer.last_epoch)):
+            return
+        path, size = trainer.spec.data.path, trainer.image_size
+        bank_x, bank_y = eval_split(path, "train", eng.knn_bank)
+        query_x, query_y = eval_split(path, "test", eng.knn_queries)
+
+        def prepare(x):  # the stored images at the training views' size
+            x = trainer.prepare(x)
+            return torch.nn.functional.interpolate(x, size=size, mode="bilinear") if x.shape[-1] != size else x
+        encoder = trainer.recipe.encoder()
+        bank, queries = extract(encoder, bank_x, prepare), extract(encoder, query_x, prepare)
+        metrics["knn_top1"] = knn_accuracy(bank, bank_y, queries, query_y, trainer.manifest.num_classes, eng.knn_k,
+                                           eng.knn_t)
+        if self.baseline is None:
+            self.baseline = pixel_knn(path, trainer.manifest.num_classes, eng.knn_bank, eng.knn_queries, eng.knn_k,
+                                      eng.knn_t)
+        metrics["knn_top1_pixels"] = self.baseline
+
+
+class CollapseGuard(Callback):
+    """SimSiam's collapse score (evaluation.diagnostics) of the epoch's last embedding, averaged over ranks so all
+    take the same decision; below engine.collapse_threshold the run stops, and the collapsed state is never
+    checkpointed."""
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        out = trainer.last_out
+        score = collapse_score(out.embedding) if out is not None and out.embedding is not None else float("nan")
+        score = dist.all_reduce(torch.tensor([score], device=trainer.ctx.device), "mean").item()
+        metrics["collapse_score"] = score
+        threshold = trainer.spec.engine.collapse_threshold
+        if threshold and math.isfinite(score) and score < threshold:
+            trainer.request_stop("representation collapsed: collapse_score",
+                                 f"{score:.4f} < engine.collapse_threshold {threshold}")
+
+
+class TensorBoard:
+    """A SummaryWriter. For a URI log_dir (s3://, gs://, file://) events go to a local temp dir and `flush()` copies
+    them up with pyarrow.fs: event files only grow, so each copy replaces the last one."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = log_dir if "://" in log_dir else None
+        self.local = tempfile.mkdtemp(prefix="sslab-tb-") if self.remote else log_dir
+        self.writer = SummaryWriter(self.local)
+
+    def __getattr__(self, name):  # add_scalar, add_image, ...
+        return getattr(self.writer, name)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(self.remote)
+            fs.create_dir(path, recursive=True)
+            pyarrow.fs.copy_files(self.local, path, destination_filesystem=fs)
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+class TensorBoardLogger(Callback):
+    """Rank 0 writes every epoch's scalars and, at the first step of a run, a grid of the views it trains on."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir, self.writer = log_dir, None
+
+    def on_run_start(self, trainer) -> None:
+        if trainer.ctx.rank == 0 and self.log_dir:
+            self.writer = TensorBoard(self.log_dir)
+        self.first = True
+
+    def on_step_end(self, trainer, batch: dict, out) -> None:
+        if self.writer and self.first:
+            self.writer.add_image("views", view_grid([batch[c] for c in trainer.columns]), trainer.step)
+        self.first = False
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        if not self.writer:
+            return
+        for k, v in metrics.items():
+            if k not in ("epoch", "step") and math.isfinite(v):
+                self.writer.add_scalar(k, v, metrics["epoch"])
+        self.writer.flush()  # and, for a URI run directory, upload
+
+    def on_run_end(self, trainer) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+class Console(Callback):
+    """sslab's progress lines on rank 0: every engine.log_every steps, and a summary per epoch."""
+
+    def on_step_end(self, trainer, batch: dict, out) -> None:
+        m, eng = trainer.meter, trainer.spec.engine
+        if m.steps % eng.log_every == 0:
+            trainer.log(f"[sslab] epoch {trainer.epoch + 1}/{eng.epochs} step {m.steps}/{trainer.steps_per_epoch} "
+                        f"loss {m.mean_loss():.4f} lr {trainer.schedule.lr(trainer.step - 1):.4g} "
+                        f"{m.rate():.0f} img/s")
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        knn = (f" knn_top1 {metrics['knn_top1']:.4f} (raw pixels {metrics['knn_top1_pixels']:.4f})"
+               if "knn_top1" in metrics else "")
+        collapse = f" collapse_score {metrics['collapse_score']:.3f}" if "collapse_score" in metrics else ""
+        trainer.log(f"[sslab] epoch {metrics['epoch']}/{trainer.spec.engine.epochs} done: loss {metrics['loss']:.4f} "
+                    f"{metrics['images_per_s']:.0f} img/s{collapse}{knn}")
+
+
+def default_callbacks(log_dir: str = "") -> list[Callback]:
+    """The standard watchers, monitors before the guard before the loggers."""
+    return [KnnMonitor(), CollapseGuard(), TensorBoardLogger(log_dir), Console()]

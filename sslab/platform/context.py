@@ -1,0 +1,108 @@
+"""The small world the training loop is written against: who am I (rank, world size, device), where my data comes
+from, how the model is wrapped for data parallelism, where checkpoints come from and go to, and where metrics are
+reported. Two implementations:
+
+- `RayContext`: inside a Ray Train worker (the only place besides launch.py that calls `ray.train`).
+- `LocalContext`: in this process, for tests, notebooks and the benchmark baseline; several processes when a
+  torch.distributed group is already initialised (torchrun, or a test's gloo group).
+
+Both hand out checkpoints as local directories (`restore()` yields (directory, its path or URI)) and take new ones as
+local directories in `report`, returning where the checkpoint was persisted.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .. import dist
+from .checkpoint import checkpoints
+
+
+class RayContext:
+    """A Ray Train worker: device, dataset shard and process group from Ray Train; checkpoints from
+    `ray.train.get_checkpoint()` (a restart or a re-run of the same name), else from `start_from` (a new run
+    branching off another run's checkpoint: PBT's exploit)."""
+
+    def __init__(self, run_dir: str = "", start_from: str = ""):
+        import ray.train
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.run_dir, self.start_from = run_dir, start_from
+        self._shard = ray.train.get_dataset_shard("train")
+
+    def batches(self, size: int) -> Iterable[dict]:
+        # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
+        return self._shard.iter_torch_batches(batch_size=size, drop_last=True, pin_memory=self.device.type == "cuda")
+
+    def wrap_model(self, recipe: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # the data-parallel wrapper syncs buffers once at start and then only averages gradients; recipe state
+        # (queues, banks, centres) is kept identical by the recipes themselves, not re-broadcast every step
+        return ray.train.torch.prepare_model(recipe, move_to_device=False,
+                                             parallel_strategy_kwargs={"forward_sync_buffers": False})
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[tuple[str | None, str | None]]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self.start_from:
+            ckpt = ray.train.Checkpoint(self.start_from)
+        if ckpt is None:
+            yield None, None
+            return
+        with ckpt.as_directory() as d:
+            yield d, ckpt.path
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        return ray.train.get_checkpoint().path if checkpoint else None
+
+
+class LocalContext:
+    """The loop in this process. `batches(size)` gives one pass over this rank's share of the training data
+    (`sslab.datasets.pipeline.local_batches` makes one from shards); checkpoints go to `run_dir/checkpoint_<time>`
+    (the newest `keep` are kept; none are written without a run_dir) and a run resumes from the newest there, else
+    from `start_from`. Reports are kept in `self.reports`."""
+
+    def __init__(self, batches: Callable[[int], Iterable[dict]], *, run_dir: str = "", device: str = "cpu",
+                 keep: int = 2, start_from: str = ""):
+        self.batches = batches
+        self.run_dir, self.keep, self.start_from = run_dir, keep, start_from
+        self.device = torch.device(device)
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.reports: list[dict] = []
+
+    def wrap_model(self, recipe: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return recipe
+        return torch.nn.parallel.DistributedDataParallel(recipe, broadcast_buffers=False)
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[tuple[str | None, str | None]]:
+        found = checkpoints(self.run_dir) if self.run_dir and os.path.isdir(self.run_dir) else []
+        path = found[-1] if found else (self.start_from or None)
+        yield path, path
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> str | None:
+        self.reports.append(dict(metrics))
+        if not (checkpoint_dir and self.run_dir):
+            return None
+        os.makedirs(self.run_dir, exist_ok=True)
+        path = os.path.join(self.run_dir, time.strftime("checkpoint_%Y-%m-%d_%H-%M-%S") +
+                            f".{time.time_ns() // 1000 % 1_000_000:06d}")
+        shutil.copytree(checkpoint_dir, path)
+        for old in checkpoints(self.run_dir)[:-self.keep]:
+            shutil.rmtree(old)
+        return path
