@@ -10,7 +10,7 @@ from .config import ConfigError, parse_overrides
 
 # modules adding their own sub-commands: each defines add_commands(subparsers), registering parsers whose
 # `fn` default is called with the parsed args (see the train parser below for the shape)
-EXTENSIONS: list[str] = ["sslab.platform.eval_cli", "sslab.tuning.cli"]
+EXTENSIONS: list[str] = ["sslab.platform.eval_cli", "sslab.tuning.cli", "sslab.bench.cli"]
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:

@@ -36,7 +36,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         self._ensure_loaded()
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r}; choose from {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:

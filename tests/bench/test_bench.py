@@ -11,7 +11,8 @@ import torch
 from sslab import cli
 from sslab.datasets.shards import load_split
 from sslab.datasets.views import two_views
-from sslab.platform.bench import PerImageViews, PeakMemory, time_pass, tree_memory
+from sslab.bench.data import PerImageViews
+from sslab.bench.measure import PeakMemory, time_pass, tree_memory
 
 
 def test_tree_memory_counts_this_process_and_its_children():

@@ -1,0 +1,75 @@
+"""The loop in this process: Trainer + LocalContext + the standard callbacks, no Ray."""
+import math
+
+import pytest
+import torch
+
+from sslab.datasets.pipeline import local_batches
+from sslab.datasets.shards import read_manifest
+from sslab.platform.callbacks import Callback, default_callbacks
+from sslab.platform.checkpoint import checkpoints, load_state
+from sslab.platform.context import LocalContext
+from sslab.platform.loop import Trainer, TrainingStopped
+from sslab.platform.spec import make_spec
+from sslab.recipes import registry
+
+TINY = {"engine.batch_size": 16, "engine.steps_per_epoch": 2, "engine.knn_k": 10, "engine.log_every": 1,
+        "model.width": 4, "recipe.hidden": 16, "recipe.dim": 8}
+
+
+def local_run(data, run_dir, callbacks=None, **overrides):
+    spec = make_spec("simclr", {"data.path": data, **TINY, **overrides})
+    m = read_manifest(data)
+    viewset = registry.get("simclr").views(spec.recipe, spec.data, m.image_size[0])
+    ctx = LocalContext(local_batches(spec.data, m, viewset), run_dir=str(run_dir), keep=spec.engine.checkpoint_keep)
+    Trainer(spec, ctx, default_callbacks() if callbacks is None else callbacks).run()
+    return ctx
+
+
+def test_trainer_runs_checkpoints_and_resumes_in_process(tiny_dataset, tmp_path, one_torch_thread, capsys):
+    run = tmp_path / "run"
+    ctx = local_run(tiny_dataset, run, **{"engine.epochs": 2})
+    assert [(r["epoch"], r["step"]) for r in ctx.reports] == [(1, 2), (2, 4)]
+    for r in ctx.reports:   # the loop's metrics, then the monitors' (kNN, collapse)
+        assert math.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1
+        assert 0 <= r["knn_top1"] <= 1 and 0 <= r["knn_top1_pixels"] <= 1 and r["collapse_score"] > 0
+    out = capsys.readouterr().out
+    assert "[sslab] epoch 1/2 step 1/2 loss" in out and "[sslab] epoch 2/2 done: loss" in out
+    saved = checkpoints(str(run))
+    assert len(saved) == 2 and load_state(saved[-1])["global_step"] == 4
+
+    # the same run directory with more epochs resumes from the newest checkpoint: 2 steps more, not 6
+    again = local_run(tiny_dataset, run, **{"engine.epochs": 3})
+    assert [(r["epoch"], r["step"]) for r in again.reports] == [(3, 6)]
+    assert "resumed from checkpoint after epoch 2 (step 4)" in capsys.readouterr().out
+    assert len(checkpoints(str(run))) == 2  # engine.checkpoint_keep
+
+
+class StopAtEpochTwo(Callback):
+    """A guard that asks the loop to stop at the end of epoch 2."""
+
+    def on_epoch_end(self, trainer, metrics):
+        if metrics["epoch"] == 2:
+            trainer.request_stop("test guard", "epoch 2")
+
+
+def test_a_stopped_epoch_is_reported_not_checkpointed(tiny_dataset, tmp_path, one_torch_thread):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        local_run(tiny_dataset, run, [StopAtEpochTwo()], **{"engine.epochs": 3, "engine.knn_every": 0})
+    saved = checkpoints(str(run))
+    assert len(saved) == 1 and load_state(saved[0])["global_step"] == 2
+    assert str(stopped.value).startswith(f"training stopped at epoch 2, step 4: test guard (epoch 2). Last good "
+                                         f"checkpoint: {saved[0]} (epoch 1, step 2)")
+
+
+def test_a_non_finite_loss_stops_before_the_update(tiny_dataset, tmp_path, one_torch_thread):
+    class PoisonWeights(Callback):       # a diverged network: the next loss is NaN
+        def on_step_start(self, trainer, step):
+            if step == 3:
+                with torch.no_grad():
+                    next(trainer.recipe.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingStopped, match=r"at epoch 2, step 3: loss is not finite \(nan\)\. Last good "
+                                              r"checkpoint: .*checkpoint_.* \(epoch 1, step 2\)"):
+        local_run(tiny_dataset, tmp_path / "run", [PoisonWeights()], **{"engine.epochs": 2, "engine.knn_every": 0})
