@@ -78,12 +78,8 @@ def cmd_train(args) -> int:
 def cmd_data_prepare(args) -> int:
     from .datasets import shards, sources
 
-    if args.source == "fashion-mnist":
-        src = sources.fashion_mnist(args.root)
-    else:
-        if not args.src:
-            raise ConfigError("`sslab data prepare folder` needs the image folder: sslab data prepare folder SRC --out DIR")
-        src = sources.image_folder(args.src, size=args.size, channels=args.channels, test_fraction=args.test_fraction)
+    src = sources.build(args.source, args.src or args.root, size=args.size, channels=args.channels,
+                        test_fraction=args.test_fraction)
     summary = shards.prepare(src, args.out, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0
@@ -118,15 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("data", help="prepare and inspect datasets").add_subparsers(dest="data_cmd", required=True)
-    s = d.add_parser("prepare", help="write Parquet shards + manifest from Fashion-MNIST or an image folder")
-    s.add_argument("source", choices=["fashion-mnist", "folder"])
-    s.add_argument("src", nargs="?", help="the image folder (for `folder`): class = sub-folder name")
+    sources = importlib.import_module("sslab.datasets.sources").SOURCES
+    s = d.add_parser("prepare", help="write Parquet shards + manifest from a registered data source",
+                     description="sources: " + "; ".join(
+                         f"{n}: {sources.get(n).__doc__.strip().splitlines()[0].rstrip('.')}" for n in sources.names()))
+    s.add_argument("source", choices=sources.names())
+    s.add_argument("src", nargs="?", help="where the source reads from (folder: the image folder; fashion-mnist: "
+                   "the IDX files' directory, default: found or downloaded)")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--root", help="fashion-mnist: directory holding the IDX files")
-    s.add_argument("--size", type=int, default=64, help="folder: images resized and centre-cropped to SIZE px")
-    s.add_argument("--channels", type=int, default=3, choices=[1, 3], help="folder: 1 (grey) or 3 (RGB)")
-    s.add_argument("--test-fraction", type=float, default=0.1,
-                   help="folder without train/ and test/ sub-folders: share held out for evaluation")
+    s.add_argument("--root", help="the same as SRC (kept for fashion-mnist)")
+    s.add_argument("--size", type=int, help="folder: images resized and centre-cropped to SIZE px (default 64)")
+    s.add_argument("--channels", type=int, choices=[1, 3], help="folder: 1 (grey) or 3 (RGB) (default 3)")
+    s.add_argument("--test-fraction", type=float,
+                   help="folder without train/ and test/ sub-folders: share held out for evaluation (default 0.1)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
     s.set_defaults(fn=cmd_data_prepare)
     s = d.add_parser("info", help="summarise a prepared dataset")

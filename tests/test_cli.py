@@ -52,3 +52,30 @@ def test_recipes_and_config_listing(capsys):
     assert main(["config", "simclr", "--data", "/x", "recipe.temperature=0.3"]) == 0
     out = capsys.readouterr().out
     assert "recipe.temperature = 0.3" in out and "NT-Xent temperature" in out
+
+
+def test_a_registered_data_source_is_a_prepare_choice_with_its_own_options(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from sslab.datasets.shards import read_manifest
+    from sslab.datasets.sources import SOURCES, Record, Source
+
+    def checkerboards(folder, size: int = 8):
+        """Generated checkerboards (a test source)."""
+        def records():
+            for i in range(12):
+                img = np.zeros((size, size, 1), np.uint8)
+                img[i % 2::2, ::2] = 200
+                yield Record("test" if i >= 10 else "train", img, i % 2, f"{folder}[{i}]")
+        return Source("checkerboards", str(folder), ("even", "odd"), records)
+
+    monkeypatch.setitem(SOURCES._entries, "checkerboards", checkerboards)
+    out = str(tmp_path / "boards")
+    assert main(["data", "prepare", "checkerboards", "here", "--out", out, "--size", "6"]) == 0
+    m = read_manifest(out)
+    assert (m.count("train"), m.count("test"), m.image_size) == (10, 2, (6, 6))
+    capsys.readouterr()
+    assert main(["data", "prepare", "checkerboards", "here", "--out", out, "--channels", "3", "--force"]) == 2
+    assert "data source checkerboards takes no --channels (it takes: --size)" in capsys.readouterr().err
+    assert main(["data", "prepare", "fashion-mnist", "--out", out, "--size", "32"]) == 2
+    assert "data source fashion-mnist takes no --size" in capsys.readouterr().err

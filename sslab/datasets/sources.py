@@ -4,11 +4,16 @@ A source yields `Record(split, image, label, origin)` (image: uint8 H x W x C, C
 or `Skipped(split, origin, reason)` for an unreadable image, so `shards.prepare` counts and lists bad files
 instead of crashing on one. Sources are re-iterable (`iter()` starts a fresh pass) and never hold more than one
 decoded image at a time, except the IDX arrays, which are the file itself (47 MB for Fashion-MNIST train).
+
+Sources are registered by name (`@SOURCES.register("name")` on a function returning a `Source`): `sslab data
+prepare NAME [LOCATION] --option ...` offers every registered name, passes LOCATION as the function's first
+argument and the options its signature names (`build` refuses the others), so a new source is one function here.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import os
 import random
 import struct
@@ -17,6 +22,9 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
+
+from ..config import ConfigError
+from ..registry import Registry
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -123,6 +131,27 @@ def fashion_mnist_root() -> Path:
     return cached
 
 
+SOURCES: Registry[Callable[..., Source]] = Registry("data source")
+
+
+def build(name: str, location: Optional[str] = None, **options) -> Source:
+    """The registered source `name` reading from `location`, with the options (None = not given) its function
+    takes; an option it does not take, or a missing location it needs, is an error naming the choices."""
+    fn = SOURCES.get(name)
+    params = list(inspect.signature(fn).parameters.values())
+    first, rest = params[0], {p.name for p in params[1:]}
+    given = {k: v for k, v in options.items() if v is not None}
+    extra = sorted(set(given) - rest)
+    if extra:
+        takes = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(rest - {"seed"})) or "no options"
+        raise ConfigError(f"data source {name} takes no --{extra[0].replace('_', '-')} (it takes: {takes})")
+    if location is None and first.default is inspect.Parameter.empty:
+        raise ConfigError(f"`sslab data prepare {name}` needs {first.name.upper()}, where it reads from: "
+                          f"sslab data prepare {name} {first.name.upper()} --out DIR")
+    return fn(*([] if location is None else [location]), **given)
+
+
+@SOURCES.register("fashion-mnist")
 def fashion_mnist(root: Union[str, Path, None] = None) -> Source:
     """Fashion-MNIST (Xiao et al. 2017): train 60000 and test 10000 images, 28 x 28 x 1, 10 classes."""
     root = Path(root) if root is not None else fashion_mnist_root()
@@ -180,9 +209,10 @@ def load_image(path: Union[str, Path], size: int, channels: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+@SOURCES.register("folder")
 def image_folder(src: Union[str, Path], size: int = 64, channels: int = 3, test_fraction: float = 0.1,
                  seed: int = 0) -> Source:
-    """Every image under `src`, resized and centre-cropped to size x size x channels.
+    """Every image under a folder, resized and centre-cropped to size x size x channels; class = sub-folder.
 
     Splits: `src/train` and `src/test` (or `src/val`, named "test") when both exist; otherwise each file goes to
     test when a hash of its relative path falls below `test_fraction` (stable across runs and machines).

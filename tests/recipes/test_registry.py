@@ -9,7 +9,10 @@ from sslab.datasets.pipeline import DataConfig
 from sslab.datasets.views import make_views, normalize
 from sslab.recipes import registry
 from sslab.recipes.backbones import ModelConfig, build_backbone
+from sslab.platform.loop import StepParts, train_step
+from sslab.platform.optim import build_optimizer
 from sslab.recipes.protocol import RecipeContext
+from sslab.schedules import Schedule
 
 SIZE, CHANNELS, N = 16, 1, 8
 
@@ -34,17 +37,18 @@ def tiny_batch(viewset, seed=0):
     return views, {"index": torch.arange(N) + 8 * seed, "label": torch.arange(N) % 2}
 
 
+STEPS = 10  # the run the steps belong to: step k is at progress k / STEPS
+
+
+def optimizer(recipe):
+    return build_optimizer("sgd", recipe, 0.05, 0.9, 0.0)
+
+
 def one_step(recipe, views, meta, progress, opt):
+    """The loop's own train_step at a constant learning rate (0.05), at `progress` of the run."""
     torch.manual_seed(1234)  # recipes may sample (negatives, shuffles): same draws for compared runs
-    out = recipe(views, meta, progress)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    if hasattr(recipe, "before_optimizer_step"):
-        recipe.before_optimizer_step(progress)
-    opt.step()
-    if hasattr(recipe, "after_step"):
-        recipe.after_step(progress)
-    return out
+    parts = StepParts(recipe, recipe, opt, Schedule(STEPS, 0, 0.05, final_lr_ratio=1.0))
+    return train_step(parts, views, meta, round(progress * STEPS))
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -55,8 +59,7 @@ def test_one_step_gradients(name):
     out = recipe(views, meta, 0.6)  # mid-run: no first-epoch freezing
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
-    if hasattr(recipe, "before_optimizer_step"):
-        recipe.before_optimizer_step(0.6)
+    recipe.before_optimizer_step(0.6)
     for pname, p in recipe.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: no gradient for {pname}"
@@ -70,14 +73,14 @@ def test_one_step_gradients(name):
 @pytest.mark.parametrize("name", registry.names())
 def test_state_survives_checkpoint_exactly(name):
     recipe, viewset = tiny_recipe(name)
-    opt = torch.optim.SGD([p for p in recipe.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    opt = optimizer(recipe)
     for s in range(2):
         one_step(recipe, *tiny_batch(viewset, s), 0.6, opt)
     saved = copy.deepcopy({"recipe": recipe.state_dict(), "opt": opt.state_dict()})
 
     restored, _ = tiny_recipe(name, seed=99)  # different init: everything must come from the checkpoint
     restored.load_state_dict(saved["recipe"])
-    opt2 = torch.optim.SGD([p for p in restored.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    opt2 = optimizer(restored)
     opt2.load_state_dict(saved["opt"])
     for k, v in recipe.state_dict().items():
         assert torch.equal(v, restored.state_dict()[k]), f"{name}: {k} differs after restore"
