@@ -37,6 +37,8 @@ checkpoints (weights, optimizer, recipe state) into the laggards with perturbed 
 
 
 def add_commands(sub) -> None:
+    from .schedulers import SCHEDULERS
+
     p = sub.add_parser("tune", help="sweep a recipe's knobs with Ray Tune (ASHA / PBT), scored by kNN top-1",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a registered recipe (see `sslab recipes`)")
@@ -46,8 +48,8 @@ def add_commands(sub) -> None:
     p.add_argument("--samples", type=int, default=0,
                    help="trials to draw (random/optuna; default 8); with grid: ranges, repeats of the grid "
                    "(default 1)")
-    p.add_argument("--scheduler", default="asha", choices=["asha", "pbt", "fifo"],
-                   help="asha: stop lagging trials early (default); pbt: exploit and explore; fifo: run all")
+    p.add_argument("--scheduler", default="asha", choices=SCHEDULERS.names(),
+                   help="; ".join(f"{n}: {SCHEDULERS.get(n).summary}" for n in SCHEDULERS.names()))
     p.add_argument("--search", default="auto", choices=["auto", "random", "grid", "optuna"],
                    help="auto: grid when every range is a choice, random otherwise; optuna needs sslab[tune]")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial (sets engine.workers; "

@@ -1,9 +1,9 @@
 """The sweep: a Ray Tune experiment whose trials are real Ray Train runs, scored by the kNN monitor.
 
-Each trial runs a driver function (RAY_NOTES: "Tune drives Train through a driver function") that builds the
-trial's RunSpec with `make_spec(recipe, base | sampled keys)` and calls `sslab.platform.launch.train` — the same
-entry point as `sslab train`. With ASHA (or no scheduler) the run is one `fit()` whose epoch metrics reach Tune
-through `TuneReportCallback`; with PBT it is a chain of segments (see pbt.py). The sweep directory holds:
+Each trial runs the driver its scheduler names (schedulers.py, drivers.py), which builds the trial's RunSpec with
+`make_spec(recipe, base | sampled keys)` and calls `sslab.platform.launch.train` — the same entry point as `sslab
+train`. With ASHA or FIFO the run is one `fit()` whose epoch metrics reach Tune through `TuneReportCallback`; with
+PBT it is a chain of segments. The sweep directory holds:
 
     SWEEP/sweep.yaml        the definition (recipe, fixed overrides, space, scheduler): what a resume re-reads
     SWEEP/<trial>/          Tune's trial directories (results, PBT's cloned checkpoints)
@@ -22,10 +22,10 @@ import yaml
 
 from ..config import ConfigError
 from . import spaces
+from .schedulers import SCHEDULERS
 from .spaces import Range
 
 METRIC, MODE = "knn_top1", "max"
-SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHES = ("auto", "random", "grid", "optuna")
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train run (whose controller takes no CPU)
 DEFINITION = "sweep.yaml"
@@ -123,8 +123,7 @@ def preflight(sweep: Sweep) -> None:
     of every range on the data (batch divisibility, the recipe's own checks such as a queue length)."""
     from ..platform.launch import validate
 
-    if sweep.scheduler not in SCHEDULERS:
-        raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {sweep.scheduler!r}")
+    scheduler = SCHEDULERS.get(sweep.scheduler)
     if sweep.search not in SEARCHES:
         raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {sweep.search!r}")
     search = sweep.resolved_search
@@ -135,11 +134,7 @@ def preflight(sweep: Sweep) -> None:
         require_optuna()
         if any(r.kind == "grid" for r in sweep.space):
             raise ConfigError("--search optuna samples every range itself; use choice: instead of grid:")
-        if sweep.scheduler == "pbt":
-            raise ConfigError("PBT picks its own configurations: use --search random with --scheduler pbt")
-    if sweep.scheduler == "pbt" and not spaces.mutations(sweep.space):
-        raise ConfigError("--scheduler pbt perturbs continuous ranges mid-run; the space has none "
-                          "(add e.g. temperature or KEY=uniform:LOW,HIGH)")
+    scheduler.check(sweep)
     if sweep.interval < 1 or sweep.grace_period < 1 or sweep.reduction_factor < 2:
         raise ConfigError("--interval and --grace-period must be >= 1, --reduction-factor >= 2")
     spec = sweep.spec()
@@ -183,21 +178,7 @@ def default_concurrency(per_trial: dict[str, float], cluster: dict[str, float]) 
     return max(1, int(math.floor(min(fits) + 1e-9))) if fits else 1
 
 
-# ---------------------------------------------------------------- the trial driver (ASHA / FIFO)
-
-def stream_driver(config: dict, sweep: Sweep) -> None:
-    """One trial = one Train run; the rank-0 metrics of every epoch reach Tune through TuneReportCallback, so
-    ASHA can stop the trial (Tune ends this actor, and the Train controller it owns goes with it). The run's
-    name is the trial's: a trial restarted by a sweep resume continues its Train run from the last checkpoint."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ..platform.launch import train
-
-    name = tune.get_context().get_trial_name()
-    spec = sweep.spec(spaces.overrides_for(sweep.space, config))
-    train(spec, name=name, storage=sweep.runs, callbacks=[TuneReportCallback()])
-
+# ---------------------------------------------------------------- the sweep
 
 class TrialName:
     """`simclr_ab12c_00003`: short names for trials, their directories and their Train runs (picklable, since
@@ -210,16 +191,12 @@ class TrialName:
         return f"{self.recipe}_{trial.trial_id}"
 
 
-# ---------------------------------------------------------------- the sweep
-
 def build_tuner(sweep: Sweep, concurrent: int):
     from ray import tune
 
-    from .pbt import make_pbt, segment_driver
-
     search = sweep.resolved_search
-    driver = segment_driver if sweep.scheduler == "pbt" else stream_driver
-    trainable = tune.with_resources(tune.with_parameters(driver, sweep=sweep), {"CPU": DRIVER_CPUS})
+    entry = SCHEDULERS.get(sweep.scheduler)
+    trainable = tune.with_resources(tune.with_parameters(entry.driver, sweep=sweep), {"CPU": DRIVER_CPUS})
     if tune.Tuner.can_restore(sweep.path):
         print(f"[sslab] resuming sweep {sweep.path}")
         return tune.Tuner.restore(sweep.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -228,23 +205,14 @@ def build_tuner(sweep: Sweep, concurrent: int):
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(seed=sweep.spec().engine.seed)
-    if sweep.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=sweep.epochs,
-                                                   grace_period=sweep.grace_period,
-                                                   reduction_factor=sweep.reduction_factor)
-    elif sweep.scheduler == "pbt":
-        scheduler = make_pbt(sweep)
-    else:
-        scheduler = None
     name = TrialName(sweep.recipe)
     return tune.Tuner(
         trainable,
         param_space=spaces.param_space(sweep.space, grid=search == "grid"),
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=entry.make(sweep),
                                     num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
                                     trial_name_creator=name, trial_dirname_creator=name,
-                                    # a PBT trial pauses at every segment's end: keep its actor (and imports)
-                                    reuse_actors=sweep.scheduler == "pbt"),
+                                    reuse_actors=entry.reuse_actors),
         run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                   failure_config=tune.FailureConfig(max_failures=0)),

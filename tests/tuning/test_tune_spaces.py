@@ -6,7 +6,7 @@ import pytest
 from sslab.config import ConfigError, knob
 from sslab.recipes import registry
 from sslab.tuning import spaces
-from sslab.tuning.pbt import ClipToSpace
+from sslab.tuning.schedulers import ClipToSpace
 from sslab.tuning.runner import Sweep, default_concurrency, preflight, trial_resources
 
 BASE = {"data.path": "/data/somewhere", "engine.batch_size": 32}
