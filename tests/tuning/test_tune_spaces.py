@@ -24,7 +24,7 @@ class FakeMoCoConfig:  # a recipe config with every named knob, standing in for 
 def fake_recipe(monkeypatch):
     registry.names()  # load the real ones first, so the fake is added, not the only one
     info = registry.RecipeInfo("fakemoco", object, FakeMoCoConfig, lambda *a: None, {}, "fake")
-    monkeypatch.setitem(registry._REGISTRY, "fakemoco", info)
+    monkeypatch.setitem(registry.RECIPES._entries, "fakemoco", info)
     return "fakemoco"
 
 
