@@ -96,7 +96,7 @@ def cmd_bench_train(args) -> int:
     print(f"\n{'':44s} steps/s\n{'engine, after the first steps of each epoch':44s} {r['engine_steps_per_s']:.3f}\n"
           f"{'engine, whole epochs (stream restart incl.)':44s} {r['engine_in_epoch_steps_per_s']:.3f}\n"
           f"{'engine, with reports and checkpoints':44s} {r['engine_with_reports_steps_per_s']:.3f}\n"
-          f"{'bare PyTorch loop':44s} {r['bare_steps_per_s']:.3f}\n"
+          f"{'bare loop (the same train_step, no Ray)':44s} {r['bare_steps_per_s']:.3f}\n"
           f"{'engine: share of steady time waiting on data':44s} {r['engine_data_wait_frac']:.3f}\n"
           f"{'ratio engine / bare (goal >= 0.9)':44s} {r['ratio']:.3f}")
     print(f"results: {args.out}")
