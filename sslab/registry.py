@@ -40,8 +40,9 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
+        """In the order of registration (a module lists its entries as it means them to be offered)."""
         self._ensure_loaded()
-        return sorted(self._entries)
+        return list(self._entries)
 
     def __contains__(self, name: Any) -> bool:
         self._ensure_loaded()

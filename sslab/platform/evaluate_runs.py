@@ -85,12 +85,13 @@ def results_table(runs_dir: str, data_dir: str | None = None, labels: str = "10%
         log(f"[sslab] evaluating {ckpt}")
         rows.append({"run": name} | evaluate_checkpoint(ckpt, data_dir, PROTOCOLS.names(), labels, log=log, **kw))
     pct = lambda v: f"{100 * v:.2f}" if isinstance(v, float) else "-"
-    ft = f"finetune_{labels}_top1"
-    lines = [f"| run | recipe | backbone | epochs | kNN top-1 | linear top-1 | fine-tune {labels} top-1 |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['run']} | {r['recipe']} | {r['model']} | {r['epochs']} "
-              f"| {pct(r.get('knn_top1'))} | {pct(r.get('linear_top1'))} | {pct(r.get(ft))} |" for r in rows]
-    lines.append(f"| raw pixels | - | - | - | {pct(rows[0].get('knn_top1_pixels'))} | - | - |")
+    # a column per top-1 result, in the order the protocols gave them: a new protocol gets its column
+    cols = [k for k in rows[0] if k.endswith("_top1") and k != "knn_top1_pixels"]
+    lines = ["| run | recipe | backbone | epochs | " + " | ".join(k[:-5].replace("_", " ") + " top-1" for k in cols)
+             + " |", "|---|---|---|---:|" + "---:|" * len(cols)]
+    lines += [f"| {r['run']} | {r['recipe']} | {r['model']} | {r['epochs']} | "
+              + " | ".join(pct(r.get(k)) for k in cols) + " |" for r in rows]
+    lines.append("| raw pixels | - | - | - | " + " | ".join(pct(rows[0].get(f"{k}_pixels")) for k in cols) + " |")
     md = "\n".join(lines) + "\n"
     out = out or os.path.join(runs_dir, "results.md")
     with open(out, "w") as f:

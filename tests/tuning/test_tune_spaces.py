@@ -191,7 +191,7 @@ def test_preflight_rejects_bad_combinations(tiny_dataset, monkeypatch):
         preflight(Sweep("simclr", base, cont, name="s", storage="/tmp", search="grid"))
     with pytest.raises(ConfigError, match="PBT picks its own configurations"):
         preflight(Sweep("simclr", base, cont, name="s", storage="/tmp", scheduler="pbt", search="optuna"))
-    with pytest.raises(ConfigError, match="unknown scheduler 'hyperband'; registered schedulers: asha, fifo, pbt"):
+    with pytest.raises(ConfigError, match="unknown scheduler 'hyperband'; registered schedulers: asha, pbt, fifo"):
         preflight(Sweep("simclr", base, cont, name="s", storage="/tmp", scheduler="hyperband"))
     monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # as if optuna were not installed
     with pytest.raises(ConfigError, match=r"pip install sslab\[tune\]"):
