@@ -11,6 +11,7 @@ local directories in `report`, returning where the checkpoint was persisted.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -37,9 +38,14 @@ class RayContext:
         self.run_dir, self.start_from = run_dir, start_from
         self._shard = ray.train.get_dataset_shard("train")
 
-    def batches(self, size: int) -> Iterable[dict]:
+    def batches(self, size: int) -> Iterator[dict]:
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
-        return self._shard.iter_torch_batches(batch_size=size, drop_last=True, pin_memory=self.device.type == "cuda")
+        it = iter(self._shard.iter_torch_batches(batch_size=size, drop_last=True,
+                                                 pin_memory=self.device.type == "cuda"))
+        try:
+            yield from it
+        finally:  # a pass cut short (steps_per_epoch, a rank out of batches) is read to its end: the next starts clean
+            collections.deque(it, maxlen=0)
 
     def wrap_model(self, recipe: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch

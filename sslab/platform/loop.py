@@ -10,7 +10,6 @@ watches a run to callbacks (callbacks.py).
 """
 from __future__ import annotations
 
-import collections
 import tempfile
 import time
 from dataclasses import dataclass
@@ -81,7 +80,8 @@ def whole_batches(batches: Iterable[dict], size: int, columns, prepare, device) 
     """The worker's stream as steps take it: (views, batch, raw) for each whole local batch of `size` rows, where
     `views` are the `columns` through `prepare` and `batch` holds "index" and "label" on `device`; `raw` is the batch
     as it came (uint8 views). Every rank stops at the first batch some rank lacks, so all take the same number
-    (a rank stepping alone would hang a collective). A stream cut short is drained, so the next pass starts clean."""
+    (a rank stepping alone would hang a collective). Closing this generator closes the stream's (the Ray context
+    then reads its pass to the end)."""
     it = iter(batches)
     try:
         while True:
@@ -90,7 +90,8 @@ def whole_batches(batches: Iterable[dict], size: int, columns, prepare, device) 
                 return
             yield [prepare(raw[c]) for c in columns], {k: raw[k].to(device) for k in ("index", "label")}, raw
     finally:
-        collections.deque(it, maxlen=0)
+        if hasattr(it, "close"):  # a generator: the context's pass
+            it.close()
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class Trainer:
             self.last_out = out
             for cb in self.callbacks:
                 cb.on_step_end(self, raw, out)
-        stream.close()  # drains a pass cut short at steps_per_epoch
+        stream.close()  # ends a pass cut short at steps_per_epoch
         return self.epoch_metrics(epoch)
 
     def epoch_metrics(self, epoch: int) -> dict:
