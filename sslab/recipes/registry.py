@@ -55,4 +55,5 @@ def get(name: str) -> RecipeInfo:
 
 
 def names() -> list[str]:
-    return RECIPES.names()
+    """Sorted: the modules register in whatever order they happen to be imported."""
+    return sorted(RECIPES.names())
