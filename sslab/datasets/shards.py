@@ -4,7 +4,9 @@ On disk, `out_dir/` holds `{split}-{k:05d}.parquet` files with columns
     image: binary  (lossless PNG bytes)
     label: int64   (null when unknown)
     index: int64   (0..N-1 per split, in the order written: a stable id for kNN and debugging)
-and `manifest.json`, written last (temp file + rename): a folder with a manifest is complete.
+and `manifest.json`, written last (temp file + rename): a folder with a manifest is complete. `prepare` writes a
+new dataset into a staging folder beside the target and moves it in only once it is complete; replacing a dataset
+(`force`) removes only the files the old manifest lists, never anything else in the folder.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import io
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -108,16 +111,34 @@ class _SplitWriter:
         return self._close()
 
 
-def _clear_outputs(out_dir: Path, force: bool) -> None:
-    old = sorted(out_dir.glob("*.parquet")) + [p for p in (out_dir / MANIFEST,) if p.exists()]
-    if not old:
-        return
+def _old_outputs(out_dir: Path, force: bool) -> list[Path]:
+    """The files of the dataset already in `out_dir` (those its manifest lists, then the manifest); refuses to
+    replace them without `force`."""
+    if not (out_dir / MANIFEST).is_file():
+        return []
     if not force:
-        raise FileExistsError(f"{out_dir} already holds prepared shards ({old[0].name}, ...): pass --force "
-                              f"(force=True) to overwrite them, or choose another output folder")
-    (out_dir / MANIFEST).unlink(missing_ok=True)    # first: a half-cleared folder must not look complete
-    for p in old:
+        raise FileExistsError(f"{out_dir} already holds a prepared dataset ({MANIFEST}): pass --force (force=True) "
+                              f"to replace it, or choose another output folder")
+    try:
+        listed = [f["path"] for s in json.loads((out_dir / MANIFEST).read_text())["splits"].values() for f in s["files"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        listed = []                  # an unreadable manifest lists nothing: only the manifest itself is replaced
+    return [out_dir / p for p in listed if "/" not in p and (out_dir / p).is_file()] + [out_dir / MANIFEST]
+
+
+def _swap_in(stage: Path, out_dir: Path, old: list[Path]) -> None:
+    """Move the complete dataset in `stage` into `out_dir`, replacing `old` (manifest first out, last in)."""
+    new = sorted(p for p in stage.iterdir() if p.name != MANIFEST)
+    taken = [out_dir / p.name for p in new if (out_dir / p.name).exists() and out_dir / p.name not in old]
+    if taken:
+        raise FileExistsError(f"{taken[0]} is in the way and is not part of the dataset being replaced: move it, "
+                              f"or choose another output folder (the new dataset is complete in {stage})")
+    for p in reversed(old):          # the manifest first: a half-replaced folder must not look complete
         p.unlink(missing_ok=True)
+    for p in new:
+        os.replace(p, out_dir / p.name)
+    os.replace(stage / MANIFEST, out_dir / MANIFEST)
+    stage.rmdir()
 
 
 def prepare(source_records: Iterable, out_dir: Union[str, Path], *, name: Optional[str] = None,
@@ -138,7 +159,23 @@ def prepare(source_records: Iterable, out_dir: Union[str, Path], *, name: Option
     where = getattr(source_records, "location", name)
     say = progress or (lambda _msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir, force)
+    old = _old_outputs(out_dir, force)
+    stage = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        summary = _write(source_records, stage, name, classes, shard_rows, where, say)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)         # the old dataset, if any, is untouched
+        raise
+    _swap_in(stage, out_dir, old)
+    say(f"[{name}] done: {summary['counts']}, skipped {summary['num_skipped']}, "
+        f"{'x'.join(map(str, summary['image_size']))}x{summary['channels']} -> {out_dir}")
+    return summary | {"out_dir": str(out_dir), "manifest": str(out_dir / MANIFEST)}
+
+
+def _write(source_records, out_dir: Path, name: str, classes: list, shard_rows: int, where: str, say) -> dict:
+    """The dataset of `source_records` written into `out_dir` (shards, then the manifest)."""
 
     writers: dict[str, _SplitWriter] = {}
     skipped: list[dict] = []
@@ -212,8 +249,7 @@ def prepare(source_records: Iterable, out_dir: Union[str, Path], *, name: Option
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path)                                 # atomic: the manifest is whole or absent
     counts = {s: w.count for s, w in writers.items()}
-    say(f"[{name}] done: {counts}, skipped {num_skipped}, {shape[0]}x{shape[1]}x{shape[2]} -> {out_dir}")
-    return {"name": name, "out_dir": str(out_dir), "manifest": str(path), "counts": counts,
+    return {"name": name, "counts": counts,
             "image_size": [shape[0], shape[1]], "channels": shape[2], "mean": manifest["mean"],
             "std": manifest["std"], "num_skipped": num_skipped,
             "skipped_examples": [s["origin"] for s in skipped[:5]]}

@@ -194,6 +194,29 @@ def test_existing_output_needs_force(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"      # only shards + manifest are removed
 
 
+def test_force_replaces_only_when_complete_and_only_its_own_files(tmp_path):
+    """`--force` over a good dataset from a source that fails keeps the good dataset; a successful replace removes
+    the files the old manifest listed and nothing else, even other Parquet files."""
+    make_folder(tmp_path / "src", n=12)
+    out = tmp_path / "out"
+    prepare(image_folder(tmp_path / "src", size=8, test_fraction=0.0), out, shard_rows=5, **QUIET)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "my_sales.parquet").write_bytes(b"the user's own file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable images"):
+        prepare(image_folder(tmp_path / "empty"), out, force=True, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "my_sales.parquet"} == before
+    assert read_manifest(out).count("train") == 12
+    prepare(image_folder(tmp_path / "src", size=8, test_fraction=0.0), out, force=True, shard_rows=20, **QUIET)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "my_sales.parquet", "train-00000.parquet"]
+    assert (out / "my_sales.parquet").read_bytes() == b"the user's own file"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no staging folder left
+    (out / "train-00001.parquet").write_bytes(b"not ours")                        # a name the next write needs
+    with pytest.raises(FileExistsError, match="train-00001.parquet is in the way"):
+        prepare(image_folder(tmp_path / "src", size=8, test_fraction=0.0), out, force=True, shard_rows=5, **QUIET)
+    assert read_manifest(out).count("train") == 12 and (out / "train-00001.parquet").read_bytes() == b"not ours"
+
+
 def test_streaming_shards(tmp_path):
     make_folder(tmp_path / "src", n=12)
     lines = []
