@@ -6,8 +6,9 @@ reported. Two implementations:
 - `LocalContext`: in this process, for tests, notebooks and the benchmark baseline; several processes when a
   torch.distributed group is already initialised (torchrun, or a test's gloo group).
 
-Both hand out checkpoints as local directories (`restore()` yields (directory, its path or URI)) and take new ones as
-local directories in `report`, returning where the checkpoint was persisted.
+Both hand out checkpoints as local directories (`restore()` yields (directory, its path or URI): the newest of the
+run's checkpoints that verifies, see checkpoint.py) and take new ones as local directories in `report`, returning
+where the checkpoint was persisted.
 """
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .. import dist
-from .checkpoint import checkpoints
+from .checkpoint import checkpoints, newest_usable
+
+
+def _say(rank: int):
+    return (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
 
 
 class RayContext:
@@ -60,13 +65,23 @@ class RayContext:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None and self.start_from:
-            ckpt = ray.train.Checkpoint(self.start_from)
-        if ckpt is None:
-            yield None, None
-            return
-        with ckpt.as_directory() as d:
-            yield d, ckpt.path
+        if ckpt is not None:            # this run's latest, then its older ones (same storage), newest first
+            candidates = [ckpt] + self._older(ckpt)
+        else:
+            candidates = [ray.train.Checkpoint(self.start_from)] if self.start_from else []
+        with newest_usable(((c.path, c.as_directory) for c in candidates), _say(self.rank)) as found:
+            yield found
+
+    @staticmethod
+    def _older(ckpt) -> list:
+        import pyarrow.fs
+        import ray.train
+
+        parent, _, name = ckpt.path.rstrip("/").rpartition("/")
+        infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+        older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory and
+                        i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+        return [ray.train.Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> str | None:
         import ray.train
@@ -97,9 +112,10 @@ class LocalContext:
 
     @contextlib.contextmanager
     def restore(self) -> Iterator[tuple[str | None, str | None]]:
-        found = checkpoints(self.run_dir) if self.run_dir and os.path.isdir(self.run_dir) else []
-        path = found[-1] if found else (self.start_from or None)
-        yield path, path
+        found = checkpoints(self.run_dir)[::-1] if self.run_dir and os.path.isdir(self.run_dir) else []
+        found = found or ([self.start_from] if self.start_from else [])
+        with newest_usable(((d, lambda d=d: contextlib.nullcontext(d)) for d in found), _say(self.rank)) as usable:
+            yield usable
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> str | None:
         self.reports.append(dict(metrics))

@@ -2,7 +2,11 @@
 worker function runs the loop (loop.py) in the Ray context (context.py)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import socket
 import time
 from dataclasses import dataclass
 
@@ -11,6 +15,7 @@ from ..datasets.pipeline import train_dataset
 from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
+from .checkpoint import check_resumable
 from .context import RayContext
 from .loop import Trainer
 from .spec import RunSpec, steps_per_epoch
@@ -96,8 +101,62 @@ def init_ray(address: str | None, want_cpus: float):
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env=RUNTIME_ENV)
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+LOCK_FILE = ".sslab-run.lock"
+
+
 def run_name(spec: RunSpec, name: str | None) -> str:
-    return name or f"{spec.recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """The run's folder name under the storage: given, or `<recipe>-<timestamp>`. One folder, never a path."""
+    if name is None:
+        return f"{spec.recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"--name {name!r}: a run name is one folder name (letters, digits, '.', '_', '-'; not "
+                          f"starting with '.', no '..'), e.g. --name fmnist-simclr")
+    return name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """One `train` per run directory at a time: a lock file holding the owner's pid and host, removed at the end.
+    A lock whose owner is gone (same host, no such process) is taken over with a message. URI storage holds no
+    lock (object stores have no exclusive create)."""
+    if "://" in run_dir:
+        yield
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    path, host = os.path.join(run_dir, LOCK_FILE), socket.gethostname()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
+                raise ConfigError(f"run {run_dir} is in use by pid {owner.get('pid', '?')} on "
+                                  f"{owner.get('host', '?')} since {time.ctime(owner.get('since', 0))}: wait for "
+                                  f"it, or pick another --name (if that process is gone, delete {path})") from None
+            print(f"[sslab] taking over {path}: its owner, pid {owner.get('pid')} on this host, is gone")
+            os.remove(path)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": host, "since": time.time()}, f)
+    try:
+        yield
+    finally:
+        os.remove(path)
 
 
 def train_worker(config: dict) -> None:
@@ -117,33 +176,43 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
     `worker_callbacks`: loop callbacks (callbacks.Callback) run in every worker after the standard ones;
     `stop_after_epoch`: end after that epoch while the schedules still span engine.epochs (PBT's segments);
     `start_from`: a run with no checkpoint of its own starts from this checkpoint directory (path or URI) --
-    weights, optimizer, recipe state, epoch (PBT's exploit)."""
+    weights, optimizer, recipe state, epoch (PBT's exploit).
+
+    Before Ray starts: the name is checked, the run directory locked against a second `train` of the same name,
+    and an existing run's newest usable checkpoint must fit the recipe this spec builds."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     storage = resolve_storage(storage)
     name = run_name(spec, name)
+    run_dir = f"{storage.rstrip('/')}/{name}"
     placement = plan_workers(spec)
     manifest = validate(spec, placement.workers)
-    init_ray(address, placement.workers * placement.cpus_per_worker + spec.data.cpus_per_task)
-    if not spec.engine.workers:
-        res = ray.cluster_resources()
-        placement = plan_workers(spec, res.get("CPU"), res.get("GPU"))
-        validate(spec, placement.workers)
+    with run_lock(run_dir):
+        resumes = check_resumable(run_dir, spec)
+        init_ray(address, placement.workers * placement.cpus_per_worker + spec.data.cpus_per_task)
+        if not spec.engine.workers:
+            res = ray.cluster_resources()
+            placement = plan_workers(spec, res.get("CPU"), res.get("GPU"))
+            validate(spec, placement.workers)
+        log_dir = run_dir + "/tensorboard"  # a URI too: rank 0 writes locally and uploads every epoch
+        print(f"[sslab] run {name}: {spec.recipe_name} on {manifest.count('train')} images, "
+              f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
+              f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
+        print(f"[sslab] checkpoints and metrics: {run_dir}" + (f" (resuming from {resumes})" if resumes else ""))
+        print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
+        config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir, "callbacks": list(worker_callbacks),
+                  "stop_after_epoch": stop_after_epoch, "start_from": start_from}
+        return torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
 
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    log_dir = run_dir + "/tensorboard"  # a URI too: rank 0 writes locally and uploads every epoch
+
+def torch_trainer(spec: RunSpec, name: str, storage: str, placement: Placement, manifest, config: dict, callbacks):
+    """Ray Train's TorchTrainer for the run: workers, storage and checkpoint policy, the data stream."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data,
                                                   spec.data.crop_size or manifest.image_size[0])
-    config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir, "callbacks": list(worker_callbacks),
-              "stop_after_epoch": stop_after_epoch, "start_from": start_from}
-    print(f"[sslab] run {name}: {spec.recipe_name} on {manifest.count('train')} images, "
-          f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
-          f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
-    print(f"[sslab] checkpoints and metrics: {run_dir}")
-    print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=placement.workers, use_gpu=placement.use_gpu,
@@ -155,4 +224,3 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
         datasets={"train": train_dataset(spec.data, manifest, viewset)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()

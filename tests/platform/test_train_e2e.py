@@ -38,3 +38,18 @@ def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_pa
     # training moved the weights on from the first checkpoint
     w0 = state["recipe"]["backbone.body.0.weight"]
     assert not torch.equal(w0, resumed["recipe"]["backbone.body.0.weight"])
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(local_ray, tiny_dataset, tmp_path, capsys):
+    """A crash (or a full disk) while the newest checkpoint was written: the same command resumes from the newest
+    one that verifies, saying which it skipped."""
+    storage = str(tmp_path / "runs")
+    first = train(_spec(tiny_dataset, **{"engine.epochs": 2, "engine.knn_every": 0}), name="cut", storage=storage)
+    assert first.error is None and first.metrics["step"] == 12
+    state = os.path.join(first.checkpoint.path, STATE_FILE)
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    again = train(_spec(tiny_dataset, **{"engine.epochs": 3, "engine.knn_every": 0}), name="cut", storage=storage)
+    assert again.error is None
+    assert again.metrics["epoch"] == 3 and again.metrics["step"] == 18   # epochs 2 and 3 from epoch 1's state
+    assert f"skipped checkpoint {first.checkpoint.path}" in capsys.readouterr().out
