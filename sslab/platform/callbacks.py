@@ -1,4 +1,4 @@
-"""What watches a run: the kNN monitor, the collapse guard, TensorBoard and the console. Each is a `Callback` the
+"""What watches a run: the divergence and collapse guards, the kNN monitor, TensorBoard and the console. Each is a `Callback` the
 loop calls at fixed points; a callback may add metrics in `on_epoch_end` (monitors run first, loggers last, in the
 order of `default_callbacks`) or ask the loop to stop (`trainer.request_stop`). Tests add their own (fault
 injection lives in tests/, not here).
@@ -84,6 +84,25 @@ class CollapseGuard(Callback):
                                  f"{score:.4f} < engine.collapse_threshold {threshold}")
 
 
+class DivergenceGuard(Callback):
+    """Stops the run when the weights' global L2 norm passes engine.divergence_factor times its value at the run's
+    start: a learning rate far too high blows the weights up while L2-normalised outputs keep the loss and the
+    collapse score looking normal. Weights are the same on every rank, so every rank stops at the same step."""
+
+    def on_run_start(self, trainer) -> None:
+        self.params = [p for p in trainer.recipe.parameters() if p.requires_grad]
+        self.start = self.norm()
+
+    def norm(self) -> float:
+        return torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm().item()
+
+    def on_step_end(self, trainer, batch: dict, out) -> None:
+        factor = trainer.spec.engine.divergence_factor
+        if factor and self.params and not self.norm() <= factor * self.start:  # NaN counts too
+            trainer.stop_now("weights diverged: their L2 norm", f"{self.norm():.3g} > engine.divergence_factor "
+                             f"{factor:g} x {self.start:.3g} at the start")
+
+
 class TensorBoard:
     """A SummaryWriter. For a URI log_dir (s3://, gs://, file://) events go to a local temp dir and `flush()` copies
     them up with pyarrow.fs: event files only grow, so each copy replaces the last one."""
@@ -162,5 +181,5 @@ class Console(Callback):
 
 
 def default_callbacks(log_dir: str = "") -> list[Callback]:
-    """The standard watchers, monitors before the guard before the loggers."""
-    return [KnnMonitor(), CollapseGuard(), TensorBoardLogger(log_dir), Console()]
+    """The standard watchers: the per-step guard, then monitors, the epoch guard and the loggers."""
+    return [DivergenceGuard(), KnnMonitor(), CollapseGuard(), TensorBoardLogger(log_dir), Console()]

@@ -138,6 +138,11 @@ class Trainer:
         """Called by a guard during `on_epoch_end`: the epoch is reported, not checkpointed, and the run stops."""
         self._stop = (what, value)
 
+    def stop_now(self, what: str, value: str) -> None:
+        """Called by a guard during a step (every rank alike): the run stops at once, naming the last good
+        checkpoint."""
+        raise TrainingStopped(self.stop_message(what, value))
+
     def run(self) -> None:
         self.setup()
         self.resume()

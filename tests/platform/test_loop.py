@@ -73,3 +73,13 @@ def test_a_non_finite_loss_stops_before_the_update(tiny_dataset, tmp_path, one_t
     with pytest.raises(TrainingStopped, match=r"at epoch 2, step 3: loss is not finite \(nan\)\. Last good "
                                               r"checkpoint: .*checkpoint_.* \(epoch 1, step 2\)"):
         local_run(tiny_dataset, tmp_path / "run", [PoisonWeights()], **{"engine.epochs": 2, "engine.knn_every": 0})
+
+
+def test_exploding_weights_stop_the_run(tiny_dataset, tmp_path, one_torch_thread):
+    """SGD at lr 1e6: L2-normalised outputs keep the loss finite and the collapse score normal while the weights
+    blow up; the divergence guard stops the run at the first step past engine.divergence_factor."""
+    with pytest.raises(TrainingStopped, match=r"at epoch 1, step 1: weights diverged: their L2 norm \(\S+ > "
+                                              r"engine.divergence_factor 1000 x \S+ at the start\)\. No checkpoint"):
+        local_run(tiny_dataset, tmp_path / "run", **{"engine.epochs": 2, "engine.optimizer": "sgd",
+                                                     "engine.base_lr": 1e6, "engine.knn_every": 0})
+    assert not (tmp_path / "run").exists()
