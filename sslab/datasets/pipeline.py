@@ -19,6 +19,9 @@ class DataConfig:
     batch_rows: int = knob(256, "rows decoded and augmented per Ray Data task batch", min=1)
     cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
     limit: int = knob(0, "use only the first N training images (0 = all); for smoke runs", min=0)
+    verify: bool = knob(True, "before training, check every shard against the manifest (schema, rows, sha256) and "
+                              "a few images per shard against the declared size and channels; false for huge "
+                              "remote data")
 
     def check(self):
         if not self.path:

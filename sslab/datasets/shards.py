@@ -307,6 +307,38 @@ class Manifest:
                 checked += 1
         return checked
 
+    def verify(self, checksums: bool = True, sample: int = 4) -> None:
+        """The shards against the manifest, before any training: each file is Parquet with sslab's schema and the
+        row count the manifest gives (and its sha256, with `checksums`), and its first `sample` images decode to
+        the declared size and channels. Raises ValueError naming the file (and row)."""
+        want = f"{self.image_size[0]}x{self.image_size[1]} {_MODES[self.channels]}"
+        for f in (f for shards in self.splits.values() for f in shards):
+            try:
+                pf = pq.ParquetFile(_open(f.path))
+            except Exception as e:  # pyarrow's ArrowInvalid and friends: not Parquet, truncated
+                raise ValueError(f"{f.path}: not a readable Parquet file ({str(e).splitlines()[0]}); re-run "
+                                 f"`sslab data prepare ... --force`") from None
+            if not pf.schema_arrow.equals(SCHEMA):
+                raise ValueError(f"{f.path}: columns {pf.schema_arrow.names} are not sslab's "
+                                 f"(image: binary, label: int64, index: int64)")
+            if pf.metadata.num_rows != f.rows:
+                raise ValueError(f"{f.path}: {pf.metadata.num_rows} rows, the manifest says {f.rows}")
+            if checksums and _sha256(f.path) != f.sha256:
+                raise ValueError(f"{f.path}: sha256 differs from the manifest (file changed or corrupt); re-run "
+                                 f"`sslab data prepare ... --force`, or data.verify=false to train on it anyway")
+            if not f.rows or not sample:
+                continue
+            rows = pf.read_row_group(0, columns=["image", "index"]).slice(0, sample)
+            for png, index in zip(rows.column("image").to_pylist(), rows.column("index").to_pylist()):
+                try:
+                    with Image.open(io.BytesIO(png)) as img:
+                        got = f"{img.size[1]}x{img.size[0]} {img.mode}"
+                except Exception as e:
+                    raise ValueError(f"{f.path}: row with index {index} is not a readable image ({e})") from None
+                if got != want:
+                    raise ValueError(f"{f.path}: row with index {index} is a {got} image; {self.root}/{MANIFEST} "
+                                     f"declares {want}")
+
 
 def read_manifest(data_dir: Union[str, Path]) -> Manifest:
     from pyarrow.fs import FileType

@@ -38,6 +38,14 @@ def resolve_storage(storage: str | None) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
+def verify_data(spec: RunSpec, manifest) -> None:
+    """The shards against their manifest (data.verify: checksums and sample images too), once per command."""
+    try:
+        manifest.verify(checksums=spec.data.verify, sample=4 if spec.data.verify else 0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def plan_workers(spec: RunSpec, cluster_cpus: float | None = None, cluster_gpus: float | None = None) -> Placement:
     """Workers requested, or what fits: one per GPU with use_gpu, else one per two CPUs (torch threads and the
     data pipeline's tasks share the rest)."""
@@ -187,6 +195,7 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
     run_dir = f"{storage.rstrip('/')}/{name}"
     placement = plan_workers(spec)
     manifest = validate(spec, placement.workers)
+    verify_data(spec, manifest)
     with run_lock(run_dir):
         resumes = check_resumable(run_dir, spec)
         init_ray(address, placement.workers * placement.cpus_per_worker + spec.data.cpus_per_task)

@@ -121,7 +121,7 @@ def latest_sweep(storage: str, recipe: str) -> str | None:
 def preflight(sweep: Sweep) -> None:
     """Everything checkable without a cluster: the search/scheduler combination, the base config and both ends
     of every range on the data (batch divisibility, the recipe's own checks such as a queue length)."""
-    from ..platform.launch import validate
+    from ..platform.launch import validate, verify_data
 
     scheduler = SCHEDULERS.get(sweep.scheduler)
     if sweep.search not in SEARCHES:
@@ -142,6 +142,7 @@ def preflight(sweep: Sweep) -> None:
         raise ConfigError("engine.workers=0 (what fits) would let every trial take the whole cluster: give each "
                           "trial a worker count (--workers-per-trial)")
     manifest = validate(spec, spec.engine.workers)
+    verify_data(spec, manifest)
     if not (spec.engine.knn_every and manifest.num_classes > 0 and manifest.count("test") > 0):
         raise ConfigError(f"a sweep scores trials by {METRIC}, the kNN monitor: it needs labels, a test split "
                           f"and engine.knn_every >= 1 (the data at {spec.data.path} has "
