@@ -74,11 +74,11 @@ class BatchedViews(torch.utils.data.Dataset):
     """The Ray pipeline's own map function (`MakeViews`: batch decode + batched tensor augmentation), one batch
     per item, inside a DataLoader."""
 
-    def __init__(self, pngs, labels, channels, viewset, batch):
+    def __init__(self, pngs, labels, channels, size, viewset, batch):
         from ..datasets.pipeline import MakeViews
 
         self.pngs, self.labels, self.batch = pngs, labels, batch
-        self.fn = MakeViews(viewset, channels)
+        self.fn = MakeViews(viewset, channels, size)
 
     def __len__(self):
         return math.ceil(len(self.pngs) / self.batch)
@@ -155,7 +155,7 @@ def bench_data(data_dir: str, *, recipe: str = "simclr", images: int = 20000, cp
               "views": [f"{c}: {s.size}px" for c, s in viewset.views], "batch": batch, "images": n, "repeats": repeats,
               "shard_files": len(files), "rows": [], "ratios": {}}
     per_image = PerImageViews(pngs, labels, manifest.channels, viewset)
-    batched = BatchedViews(pngs, labels, manifest.channels, viewset, batch)
+    batched = BatchedViews(pngs, labels, manifest.channels, manifest.image_size, viewset, batch)
     started = _start_ray(max(cpus))                     # one Ray for all: starting one is slow on a busy box
     for c in cpus:
         cfg = dataclasses.replace(spec.data, cpus_per_task=_per_task(c))

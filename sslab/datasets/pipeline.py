@@ -19,6 +19,9 @@ class DataConfig:
     batch_rows: int = knob(256, "rows decoded and augmented per Ray Data task batch", min=1)
     cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
     limit: int = knob(0, "use only the first N training images (0 = all); for smoke runs", min=0)
+    max_bad_fraction: float = knob(0.01, "stop training when more than this share of the training rows failed to "
+                                         "decode (each such row is skipped, counted and named at the end)",
+                                   min=0.0, max=1.0)
     verify: bool = knob(True, "before training, check every shard against the manifest (schema, rows, sha256) and "
                               "a few images per shard against the declared size and channels; false for huge "
                               "remote data")
@@ -31,30 +34,64 @@ class DataConfig:
 class MakeViews:
     """Ray Data batch function: PNG bytes -> uint8 views, one fixed-shape column per view.
 
-    In: {"image": [n] bytes, "index": [n], "label": [n]}. Out: {column: uint8 [n, C, s, s] for every view,
-    "index": int64 [n], "label": int64 [n] with -1 for unknown}.
+    In: {"image": [n] bytes, "index": [n], "label": [n]}. Out: {column: uint8 [k, C, s, s] for every view,
+    "index": int64 [k], "label": int64 [k] with -1 for unknown}, k <= n: a row whose image does not decode to
+    `size` is left out and reported to the run's `BadRows` actor named `bad_rows` (without one, it is an error).
     """
 
-    def __init__(self, viewset, channels: int):
-        self.viewset = viewset
-        self.channels = channels
+    def __init__(self, viewset, channels: int, size: tuple[int, int], bad_rows: str = ""):
+        self.viewset, self.channels, self.size, self.bad_rows = viewset, channels, tuple(size), bad_rows
 
     def __call__(self, batch: dict) -> dict:
-        from .shards import decode_images
+        from .shards import decode_readable
         from .views import make_views
 
-        images = decode_images(list(batch["image"]), self.channels)           # [n, C, H, W] uint8
+        images, keep, bad = decode_readable(list(batch["image"]), self.channels, self.size)
+        index = np.asarray(batch["index"], dtype=np.int64)
+        if bad:
+            rows = [(int(index[i]), why) for i, why in bad]
+            if not self.bad_rows:
+                raise ValueError(f"training row with index {rows[0][0]}: {rows[0][1]}")
+            import ray
+
+            ray.get_actor(self.bad_rows).add.remote(rows)
         seed = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)          # fresh draws every batch, every epoch
         out = make_views(images, self.viewset, seed)
-        out["index"] = np.asarray(batch["index"], dtype=np.int64)
-        labels = batch["label"]
+        out["index"] = index[keep]
+        labels = [batch["label"][i] for i in keep]
         out["label"] = np.asarray([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in labels],
                                   dtype=np.int64)
         return out
 
 
-def train_dataset(cfg: DataConfig, manifest, viewset):
-    """The training stream: shards read in a shuffled file and block order each epoch, augmented by tasks."""
+class BadRows:
+    """The training rows that failed to decode, as the map tasks report them (a Ray actor, one per run):
+    index -> reason, each row once however many epochs meet it."""
+
+    def __init__(self):
+        self.rows: dict[int, str] = {}
+
+    def add(self, rows: list[tuple[int, str]]) -> None:
+        for index, why in rows:
+            self.rows.setdefault(index, why)
+
+    def count(self) -> int:
+        return len(self.rows)
+
+    def first(self, n: int = 5) -> list[tuple[int, str]]:
+        return sorted(self.rows.items())[:n]
+
+
+def start_bad_rows(name: str):
+    """The run's `BadRows` actor under `name` (no CPU reserved: it only counts)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(BadRows).options(name=name).remote()
+
+
+def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):
+    """The training stream: shards read in a shuffled file and block order each epoch, augmented by tasks;
+    unreadable rows go to the `BadRows` actor named `bad_rows`."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -70,8 +107,8 @@ def train_dataset(cfg: DataConfig, manifest, viewset):
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     ds = ds.randomize_block_order()
-    return ds.map_batches(MakeViews(viewset, manifest.channels), batch_size=cfg.batch_rows,
-                          batch_format="numpy", num_cpus=cfg.cpus_per_task)
+    return ds.map_batches(MakeViews(viewset, manifest.channels, manifest.image_size, bad_rows),
+                          batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.cpus_per_task)
 
 
 def local_batches(cfg: DataConfig, manifest, viewset, seed: int = 0):

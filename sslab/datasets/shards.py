@@ -417,6 +417,22 @@ def decode_images(pngs: Sequence[bytes], channels: int, out: Optional[np.ndarray
     return out if out is not None else np.empty((0, channels, 0, 0), np.uint8)
 
 
+def decode_readable(pngs: Sequence[bytes], channels: int, size: tuple[int, int]
+                    ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """PNG bytes -> uint8 [k, C, H, W] of the rows that decode to `size` (H, W), the positions of those rows, and
+    (position, reason) for each of the others: one bad image costs its row, not the batch."""
+    out = np.empty((len(pngs), channels, *size), np.uint8)
+    keep, bad = [], []
+    for i, png in enumerate(pngs):
+        try:
+            decode_images([png], channels, out=out[len(keep):len(keep) + 1])
+        except Exception as e:  # PIL's UnidentifiedImageError, OSError (truncated), our size check
+            bad.append((i, f"{type(e).__name__}: {e}"))
+            continue
+        keep.append(i)
+    return out[:len(keep)], keep, bad
+
+
 def load_split(data_dir: Union[str, Path], split: str, limit: Optional[int] = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A whole split in memory (for kNN / linear probes): images uint8 N x C x H x W, labels int64 N (-1 when
@@ -435,7 +451,11 @@ def load_split(data_dir: Union[str, Path], split: str, limit: Optional[int] = No
             if take <= 0:
                 break
             batch = batch.slice(0, take)
-            decode_images(batch.column("image").to_pylist(), m.channels, out=images[at:at + take])
+            decoded, _, bad = decode_readable(batch.column("image").to_pylist(), m.channels, m.image_size)
+            if bad:
+                raise ValueError(f"{path}: row with index {batch.column('index')[bad[0][0]]} is not a readable "
+                                 f"{m.image_size[0]}x{m.image_size[1]} image ({bad[0][1]})")
+            images[at:at + take] = decoded
             labels[at:at + take] = batch.column("label").fill_null(-1).to_numpy()
             index[at:at + take] = batch.column("index").to_numpy()
             at += take

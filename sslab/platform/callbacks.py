@@ -84,6 +84,20 @@ class CollapseGuard(Callback):
                                  f"{score:.4f} < engine.collapse_threshold {threshold}")
 
 
+class DataGuard(Callback):
+    """Counts the training rows the stream skipped because they would not decode, and stops the run once they are
+    more than data.max_bad_fraction of the training rows."""
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        bad = torch.tensor([float(trainer.ctx.bad_rows())], device=trainer.ctx.device)
+        bad = int(dist.all_reduce(bad, "max").item())   # ranks may ask a moment apart: agree on one count
+        metrics["bad_rows"] = bad
+        total = min(trainer.manifest.count("train"), trainer.spec.data.limit or trainer.manifest.count("train"))
+        if bad > trainer.spec.data.max_bad_fraction * total:
+            trainer.request_stop("unreadable training images", f"{bad} of {total} rows > data.max_bad_fraction "
+                                 f"{trainer.spec.data.max_bad_fraction:g}; `sslab data prepare` the data again")
+
+
 class DivergenceGuard(Callback):
     """Stops the run when the weights' global L2 norm passes engine.divergence_factor times its value at the run's
     start: a learning rate far too high blows the weights up while L2-normalised outputs keep the loss and the
@@ -182,4 +196,4 @@ class Console(Callback):
 
 def default_callbacks(log_dir: str = "") -> list[Callback]:
     """The standard watchers: the per-step guard, then monitors, the epoch guard and the loggers."""
-    return [DivergenceGuard(), KnnMonitor(), CollapseGuard(), TensorBoardLogger(log_dir), Console()]
+    return [DivergenceGuard(), KnnMonitor(), CollapseGuard(), DataGuard(), TensorBoardLogger(log_dir), Console()]

@@ -34,14 +34,20 @@ class RayContext:
     `ray.train.get_checkpoint()` (a restart or a re-run of the same name), else from `start_from` (a new run
     branching off another run's checkpoint: PBT's exploit)."""
 
-    def __init__(self, run_dir: str = "", start_from: str = ""):
+    def __init__(self, run_dir: str = "", start_from: str = "", bad_rows: str = ""):
         import ray.train
         import ray.train.torch
 
         self.device = ray.train.torch.get_device()
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        self.run_dir, self.start_from = run_dir, start_from
+        self.run_dir, self.start_from, self._bad_rows = run_dir, start_from, bad_rows
         self._shard = ray.train.get_dataset_shard("train")
+
+    def bad_rows(self) -> int:
+        """Training rows the stream has skipped so far because they would not decode (counted once each)."""
+        import ray
+
+        return ray.get(ray.get_actor(self._bad_rows).count.remote()) if self._bad_rows else 0
 
     def batches(self, size: int) -> Iterator[dict]:
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
@@ -104,6 +110,9 @@ class LocalContext:
         self.device = torch.device(device)
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.reports: list[dict] = []
+
+    def bad_rows(self) -> int:
+        return 0  # the in-process stream decodes its split up front, and an unreadable row is an error there
 
     def wrap_model(self, recipe: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:

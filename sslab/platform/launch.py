@@ -8,10 +8,11 @@ import os
 import re
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from ..datasets.pipeline import train_dataset
+from ..datasets.pipeline import start_bad_rows, train_dataset
 from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
@@ -171,7 +172,7 @@ def train_worker(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`: the loop in the Ray context, with the standard callbacks and the
     caller's. `config` is what `train` puts in `train_loop_config`."""
     spec = RunSpec.from_dict(config["spec"])
-    context = RayContext(config["run_dir"], config["start_from"])
+    context = RayContext(config["run_dir"], config["start_from"], config["bad_rows"])
     callbacks = default_callbacks(config["log_dir"]) + list(config["callbacks"])
     Trainer(spec, context, callbacks, stop_after_epoch=config["stop_after_epoch"]).run()
 
@@ -209,9 +210,30 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
               f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
         print(f"[sslab] checkpoints and metrics: {run_dir}" + (f" (resuming from {resumes})" if resumes else ""))
         print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
+        bad_rows = f"sslab-bad-rows-{uuid.uuid4().hex[:12]}"
+        log = start_bad_rows(bad_rows)
         config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir, "callbacks": list(worker_callbacks),
-                  "stop_after_epoch": stop_after_epoch, "start_from": start_from}
-        return torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
+                  "stop_after_epoch": stop_after_epoch, "start_from": start_from, "bad_rows": bad_rows}
+        try:
+            return torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
+        finally:
+            report_bad_rows(log, manifest)
+            ray.kill(log)
+
+
+def report_bad_rows(log, manifest) -> None:
+    """The run's skipped rows, once at its end: how many, and the first few by shard file and index."""
+    import ray
+
+    n = ray.get(log.count.remote())
+    if not n:
+        return
+    ends, files = [], manifest.splits["train"]
+    for f in files:
+        ends.append((ends[-1] if ends else 0) + f.rows)
+    where = lambda i: files[next(k for k, end in enumerate(ends) if i < end)].path.rsplit("/", 1)[-1]
+    first = "; ".join(f"{where(i)} index {i}: {why}" for i, why in ray.get(log.first.remote()))
+    print(f"[sslab] skipped {n} unreadable training image(s), each every epoch it came up: {first}")
 
 
 def torch_trainer(spec: RunSpec, name: str, storage: str, placement: Placement, manifest, config: dict, callbacks):
@@ -230,6 +252,6 @@ def torch_trainer(spec: RunSpec, name: str, storage: str, placement: Placement, 
         run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.engine.checkpoint_keep),
                              failure_config=FailureConfig(max_failures=spec.engine.max_failures)),
-        datasets={"train": train_dataset(spec.data, manifest, viewset)},
+        datasets={"train": train_dataset(spec.data, manifest, viewset, config["bad_rows"])},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

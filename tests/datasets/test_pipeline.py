@@ -12,7 +12,8 @@ def test_make_views_batch_function(tiny_dataset):
 
     m = read_manifest(tiny_dataset)
     table = pq.read_table(m.files("train")[0]).slice(0, 10)
-    out = MakeViews(two_views(12), m.channels)({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})
+    out = MakeViews(two_views(12), m.channels, m.image_size)({c: table[c].to_numpy(zero_copy_only=False)
+                                                              for c in table.column_names})
     assert set(out) == {"view0", "view1", "index", "label"}
     assert out["view0"].shape == (10, 1, 12, 12) and out["view0"].dtype == np.uint8
     assert out["index"].tolist() == table["index"].to_pylist()
@@ -62,3 +63,14 @@ def test_ray_stream_splits_a_shard_file_into_several_tasks(local_ray, tmp_path):
     ds = train_dataset(DataConfig(path=str(tmp_path / "shards"), batch_rows=16), m, two_views(16)).materialize()
     assert ds.num_blocks() >= 4
     assert sorted(np.concatenate([b["index"] for b in ds.iter_batches(batch_size=None)]).tolist()) == list(range(120))
+
+
+def test_an_unreadable_row_without_a_log_is_an_error_naming_it(tiny_dataset):
+    import pyarrow.parquet as pq
+
+    m = read_manifest(tiny_dataset)
+    table = pq.read_table(m.files("train")[0]).slice(0, 6)
+    batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    batch["image"][3] = b"garbage"
+    with pytest.raises(ValueError, match=f"training row with index {batch['index'][3]}: UnidentifiedImageError"):
+        MakeViews(two_views(12), m.channels, m.image_size)(batch)

@@ -83,3 +83,18 @@ def test_exploding_weights_stop_the_run(tiny_dataset, tmp_path, one_torch_thread
         local_run(tiny_dataset, tmp_path / "run", **{"engine.epochs": 2, "engine.optimizer": "sgd",
                                                      "engine.base_lr": 1e6, "engine.knn_every": 0})
     assert not (tmp_path / "run").exists()
+
+
+def test_too_many_unreadable_rows_stop_the_run(tiny_dataset, tmp_path, one_torch_thread):
+    class SkippingContext(LocalContext):      # as if the stream had skipped 2 rows that would not decode
+        def bad_rows(self):
+            return 2
+
+    spec = make_spec("simclr", {"data.path": tiny_dataset, **TINY, "engine.epochs": 2, "engine.knn_every": 0})
+    m = read_manifest(tiny_dataset)
+    ctx = SkippingContext(local_batches(spec.data, m, registry.get("simclr").views(spec.recipe, spec.data, 16)),
+                          run_dir=str(tmp_path / "run"))
+    with pytest.raises(TrainingStopped, match=r"at epoch 1, step 2: unreadable training images \(2 of 97 rows > "
+                                              r"data.max_bad_fraction 0.01;"):
+        Trainer(spec, ctx, default_callbacks()).run()
+    assert ctx.reports[0]["bad_rows"] == 2 and not checkpoints(str(tmp_path / "run"))

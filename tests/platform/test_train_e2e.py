@@ -53,3 +53,36 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(local_ray, ti
     assert again.error is None
     assert again.metrics["epoch"] == 3 and again.metrics["step"] == 18   # epochs 2 and 3 from epoch 1's state
     assert f"skipped checkpoint {first.checkpoint.path}" in capsys.readouterr().out
+
+
+def corrupt_row(data: str, out, index: int) -> None:
+    """A copy of the prepared dataset `data` in `out` whose training row `index` holds bytes that are no image
+    (its manifest's checksum updated, as if the file had been written so)."""
+    import hashlib
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(data, out)
+    m = json.loads((out / "manifest.json").read_text())
+    entry = m["splits"]["train"]["files"][0]
+    path = out / entry["path"]
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[table.column("index").to_pylist().index(index)] = b"\x89PNG\r\n\x1a\n but cut short"
+    pq.write_table(table.set_column(0, pa.field("image", pa.binary()), pa.array(images, pa.binary())), path)
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+def test_an_unreadable_image_is_skipped_counted_and_named(local_ray, tiny_dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    corrupt_row(tiny_dataset, data, index=10)        # not among the rows checked before the run
+    result = train(_spec(str(data), **{"engine.epochs": 1, "engine.knn_every": 0, "data.max_bad_fraction": 0.05}),
+                   name="bad-row", storage=str(tmp_path / "runs"))
+    assert result.error is None and result.metrics["bad_rows"] == 1
+    assert result.metrics["step"] == 96 // 16            # 96 of the 97 rows left: still 6 whole batches
+    out = capsys.readouterr().out
+    assert "[sslab] skipped 1 unreadable training image(s)" in out and "train-00000.parquet index 10: " in out
