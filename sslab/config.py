@@ -140,7 +140,12 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"preset {name_or_path!r} is neither a file nor a built-in preset ({', '.join(avail)})")
         path = here
     with open(path) as fh:
-        tree = yaml.safe_load(fh) or {}
+        try:
+            tree = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{path}: a preset must be a mapping of sections (engine:, data:, recipe:, model:)")
     return flatten(tree)

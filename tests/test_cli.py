@@ -79,3 +79,33 @@ def test_a_registered_data_source_is_a_prepare_choice_with_its_own_options(tmp_p
     assert "data source checkerboards takes no --channels (it takes: --size)" in capsys.readouterr().err
     assert main(["data", "prepare", "fashion-mnist", "--out", out, "--size", "32"]) == 2
     assert "data source fashion-mnist takes no --size" in capsys.readouterr().err
+
+
+def test_small_mistakes_get_one_clear_line(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import sslab.platform.launch as launch
+
+    monkeypatch.setattr(launch, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
+    assert main(["train", "simclr", "--data", tiny_dataset, "--batch-size", "64", "data.limit=40"]) == 2
+    assert "engine.batch_size=64 is larger than the 40 training images data.limit=40 leaves" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  epochs: 2\n   batch_size: 3\n")
+    assert main(["train", "simclr", "--data", tiny_dataset, "--preset", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sslab: error: {bad}: not valid YAML (line 3") and len(err.strip().splitlines()) == 1
+
+
+def test_asking_for_more_cpus_than_the_machine_has_is_said(monkeypatch, capsys):
+    import ray
+
+    from sslab.platform.launch import init_ray
+
+    started = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: started.update(kw))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    init_ray(None, 4.5)
+    assert "asks for 4.5 CPUs (Train workers and data tasks) on a 2-core machine" in capsys.readouterr().out
+    assert started["num_cpus"] == 6
+    init_ray(None, 1.5)
+    assert "warning" not in capsys.readouterr().out

@@ -72,8 +72,10 @@ def validate(spec: RunSpec, workers: int):
     if eng.batch_size // workers < 2:
         raise ConfigError(f"engine.batch_size={eng.batch_size} leaves fewer than 2 images per worker")
     if steps_per_epoch(spec, manifest.count("train")) < 1:
-        raise ConfigError(f"engine.batch_size={eng.batch_size} is larger than the {manifest.count('train')} "
-                          f"training images")
+        n = manifest.count("train")
+        used = f"{spec.data.limit} training images data.limit={spec.data.limit} leaves" \
+            if spec.data.limit and spec.data.limit < n else f"{n} training images"
+        raise ConfigError(f"engine.batch_size={eng.batch_size} is larger than the {used}")
     size = spec.data.crop_size or manifest.image_size[0]
     if size > manifest.image_size[0]:
         raise ConfigError(f"data.crop_size={size} is larger than the stored images ({manifest.image_size[0]} px)")
@@ -104,7 +106,11 @@ def init_ray(address: str | None, want_cpus: float):
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
         return
-    num_cpus = max(os.cpu_count() or 1, int(want_cpus + 0.999) + 1)
+    cores = os.cpu_count() or 1
+    num_cpus = max(cores, int(want_cpus + 0.999) + 1)
+    if want_cpus > cores:
+        print(f"[sslab] warning: the run asks for {want_cpus:g} CPUs (Train workers and data tasks) on a {cores}-core "
+              f"machine: they will take turns on the cores, which is slower than asking for fewer")
     # the dashboard listens on 127.0.0.1 only; Train V2's placement-group cleaner queries its state API
     # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env=RUNTIME_ENV)
