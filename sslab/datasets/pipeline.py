@@ -83,10 +83,13 @@ class BadRows:
 
 
 def start_bad_rows(name: str):
-    """The run's `BadRows` actor under `name` (no CPU reserved: it only counts)."""
+    """The run's `BadRows` actor under `name`, on the driver's node (the one that lives as long as the run), with no
+    CPU reserved: it only counts."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(BadRows).options(name=name).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(BadRows).options(name=name, scheduling_strategy=here).remote()
 
 
 def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):

@@ -246,3 +246,69 @@ def test_two_nodes_one_worker_each(two_node_cluster, tiny_dataset, tmp_path):
     run_dir = tmp_path / "bucket" / "runs" / "multi"
     assert torch.load(os.path.join(result.checkpoint.path, STATE_FILE), weights_only=True)["global_step"] == 2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
+
+
+def slow_second_epoch(marker: str, spe: int):
+    """A loop callback: from epoch 2's first step on, write `marker` and take 2 s a step, the first time only, so
+    the test can take a node away while epoch 2 runs. Defined in a function: Ray pickles it by value."""
+    import time
+
+    from sslab.platform.callbacks import Callback
+
+    class Slow(Callback):
+        def on_step_start(self, trainer, step):
+            if step >= spe and not os.path.exists(marker + ".done"):
+                with open(marker, "a") as f:
+                    f.write(f"{trainer.ctx.rank} {step}\n")
+                time.sleep(2)
+
+        def on_run_start(self, trainer):
+            if os.path.exists(marker):       # the restarted group: run at full speed
+                open(marker + ".done", "w").close()
+
+    return Slow()
+
+
+@pytest.mark.ray
+def test_a_lost_node_is_replaced_and_the_run_resumes(two_node_cluster, tiny_dataset, tmp_path, capfd):
+    """A node running a Train worker dies mid-epoch (removed without warning); a spare node with the same resource
+    takes its place: Train restarts the group from the last checkpoint and the run finishes, every epoch reported
+    once. (The spare joins before the run: Ray's test cluster can add nodes from the main thread only.)"""
+    import threading
+    import time
+
+    from ray._private import state
+
+    from sslab.platform.launch import train
+    from sslab.platform.spec import make_spec
+
+    cluster, nodes = two_node_cluster
+    nodes.append(cluster.add_node(num_cpus=2, resources={"sslab_node": 1}))
+    cluster.wait_for_nodes()
+    marker = str(tmp_path / "epoch2")
+    spec = make_spec("simclr", {"data.path": tiny_dataset, "engine.batch_size": 16, "engine.workers": 2,
+                                "engine.cpus_per_worker": 0.5, "engine.epochs": 2, "engine.steps_per_epoch": 3,
+                                "engine.knn_every": 0, "engine.worker_resource": "sslab_node",
+                                "engine.max_failures": 1, "model.width": 4, "recipe.hidden": 16, "recipe.dim": 8,
+                                "data.limit": 48, "data.batch_rows": 16})
+    lost = []
+
+    def lose_a_worker_node():
+        deadline = time.monotonic() + 300
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        busy = {a["Address"]["NodeID"] for a in state.actors().values()
+                if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"}
+        lost.append(next(n for n in nodes if n.node_id in busy))
+        cluster.remove_node(lost[0], allow_graceful=False)
+
+    killer = threading.Thread(target=lose_a_worker_node, daemon=True)
+    killer.start()
+    result = train(spec, name="lost-node", storage=str(tmp_path / "runs"), address="auto",
+                   worker_callbacks=[slow_second_epoch(marker, spe=3)])
+    killer.join(timeout=60)
+    assert lost and os.path.exists(marker + ".done"), "a worker's node was lost in epoch 2 and the group restarted"
+    assert result.error is None
+    assert result.metrics_dataframe["epoch"].tolist() == [1, 2] and result.metrics["step"] == 6
+    out = capfd.readouterr()
+    assert "resumed from checkpoint after epoch 1 (step 3)" in out.out + out.err
