@@ -19,6 +19,8 @@ import glob
 import hashlib
 import json
 import os
+import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, Iterator
@@ -105,7 +107,12 @@ def load_state(path: str, map_location="cpu") -> dict:
         return torch.load(file, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: no such checkpoint file") from None
-    except Exception as e:  # truncated zip, a pickle with code in it, ...
+    except pickle.UnpicklingError as e:  # an object other than tensors and plain data: refused, never loaded
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"a {found.group(1)}" if found else "an object"
+        raise ValueError(f"{file}: refused: it holds {what} besides tensors and plain data, and loading that could "
+                         f"run code from the file") from None
+    except Exception as e:  # truncated zip, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{file}: not a readable sslab checkpoint ({type(e).__name__}: {reason[:200]})") from None
 
