@@ -160,12 +160,14 @@ def bench_data(data_dir: str, *, recipe: str = "simclr", images: int = 20000, cp
     for c in cpus:
         cfg = dataclasses.replace(spec.data, cpus_per_task=_per_task(c))
         first = _ray_pass(cfg, sub, viewset, batch)  # (the very first pass also starts Ray's worker processes)
+        # DataLoader workers start from a fork server, not by forking this process: a fork of a process connected
+        # to Ray (gRPC threads) left Ray's next task unanswered in 3 of 4 runs of the smoke test; 0 of 4 this way
         loaders = {
             "ray_data": lambda: _ray_pass(cfg, sub, viewset, batch),
             "dataloader_per_image": lambda: time_pass(torch.utils.data.DataLoader(
-                per_image, batch_size=batch, shuffle=True, num_workers=c)),
+                per_image, batch_size=batch, shuffle=True, num_workers=c, multiprocessing_context="forkserver")),
             "dataloader_batched": lambda: time_pass(torch.utils.data.DataLoader(
-                batched, batch_size=None, shuffle=True, num_workers=c))}
+                batched, batch_size=None, shuffle=True, num_workers=c, multiprocessing_context="forkserver"))}
         passes: dict[str, list] = {k: [] for k in loaders}
         for _ in range(repeats):                       # interleaved: a burst of outside load hits every loader
             for k, run in loaders.items():
