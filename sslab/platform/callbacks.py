@@ -33,7 +33,7 @@ class Callback:
         """After the epoch's steps, before its checkpoint and report: add to `metrics`, or stop the run."""
 
     def on_run_end(self, trainer) -> None:
-        """After the last epoch of this run."""
+        """After the last epoch of this run, or when it stops with an error."""
 
 
 class KnnMonitor(Callback):

@@ -148,15 +148,17 @@ class Trainer:
         self.resume()
         for cb in self.callbacks:
             cb.on_run_start(self)
-        for epoch in range(self.start_epoch, self.last_epoch):
-            self.epoch = epoch
-            self.before_epoch(epoch)
-            metrics = self.train_epoch(epoch)
+        try:
+            for epoch in range(self.start_epoch, self.last_epoch):
+                self.epoch = epoch
+                self.before_epoch(epoch)
+                metrics = self.train_epoch(epoch)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, metrics)
+                self.checkpoint_and_report(epoch, metrics)
+        finally:  # a stopped run too: TensorBoard's last events are flushed (and uploaded)
             for cb in self.callbacks:
-                cb.on_epoch_end(self, metrics)
-            self.checkpoint_and_report(epoch, metrics)
-        for cb in self.callbacks:
-            cb.on_run_end(self)
+                cb.on_run_end(self)
 
     # -- setup: data, recipe, optimizer, schedule
     def setup(self) -> None:
