@@ -21,7 +21,8 @@ def add_commands(sub) -> None:
     s.add_argument("--smoke", action="store_true", help="tiny sizes, to check the command works")
     s.set_defaults(fn=cmd_bench_data)
 
-    s = b.add_parser("train", help="the engine (Ray Train, stream, callbacks) vs the bare loop: its own train_step alone (steps/s)")
+    s = b.add_parser("train", help="the engine (Ray Train, stream, callbacks) vs the bare loop: its own train_step "
+                     "alone (steps/s)")
     s.add_argument("--data", default="data/fashion-mnist", help="prepared dataset")
     s.add_argument("--recipe", default="simclr")
     s.add_argument("--batch-size", type=int, default=256, help="global batch")

@@ -120,7 +120,8 @@ def _old_outputs(out_dir: Path, force: bool) -> list[Path]:
         raise FileExistsError(f"{out_dir} already holds a prepared dataset ({MANIFEST}): pass --force (force=True) "
                               f"to replace it, or choose another output folder")
     try:
-        listed = [f["path"] for s in json.loads((out_dir / MANIFEST).read_text())["splits"].values() for f in s["files"]]
+        splits = json.loads((out_dir / MANIFEST).read_text())["splits"]
+        listed = [f["path"] for s in splits.values() for f in s["files"]]
     except (ValueError, KeyError, TypeError, AttributeError):
         listed = []                  # an unreadable manifest lists nothing: only the manifest itself is replaced
     return [out_dir / p for p in listed if "/" not in p and (out_dir / p).is_file()] + [out_dir / MANIFEST]
