@@ -45,7 +45,8 @@ def _open(path: Union[str, Path]):
     return filesystem.open_input_file(inner)
 
 
-def _sha256(path: Union[str, Path]) -> str:
+def sha256_file(path: Union[str, Path]) -> str:
+    """The sha256 of a file (local path or URI), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with _open(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -102,7 +103,7 @@ class _SplitWriter:
         if self.writer is None:
             return None
         self.writer.close()
-        self.files.append({"path": self.path.name, "rows": self.rows_in_file, "sha256": _sha256(self.path)})
+        self.files.append({"path": self.path.name, "rows": self.rows_in_file, "sha256": sha256_file(self.path)})
         self.writer, self.rows_in_file = None, 0
         return self.path.name
 
@@ -302,7 +303,7 @@ class Manifest:
         checked = 0
         for shards in self.splits.values():
             for f in shards:
-                if _sha256(f.path) != f.sha256:
+                if sha256_file(f.path) != f.sha256:
                     raise ValueError(f"{f.path}: sha256 differs from the manifest (file changed or corrupt); "
                                      f"re-run `sslab data prepare ... --force`")
                 checked += 1
@@ -324,7 +325,7 @@ class Manifest:
                                  f"(image: binary, label: int64, index: int64)")
             if pf.metadata.num_rows != f.rows:
                 raise ValueError(f"{f.path}: {pf.metadata.num_rows} rows, the manifest says {f.rows}")
-            if checksums and _sha256(f.path) != f.sha256:
+            if checksums and sha256_file(f.path) != f.sha256:
                 raise ValueError(f"{f.path}: sha256 differs from the manifest (file changed or corrupt); re-run "
                                  f"`sslab data prepare ... --force`, or data.verify=false to train on it anyway")
             if not f.rows or not sample:

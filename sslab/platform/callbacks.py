@@ -112,8 +112,11 @@ class DivergenceGuard(Callback):
 
     def on_step_end(self, trainer, batch: dict, out) -> None:
         factor = trainer.spec.engine.divergence_factor
-        if factor and self.params and not self.norm() <= factor * self.start:  # NaN counts too
-            trainer.stop_now("weights diverged: their L2 norm", f"{self.norm():.3g} > engine.divergence_factor "
+        if not (factor and self.params):
+            return
+        norm = self.norm()
+        if not norm <= factor * self.start:  # NaN counts too
+            trainer.stop_now("weights diverged: their L2 norm", f"{norm:.3g} > engine.divergence_factor "
                              f"{factor:g} x {self.start:.3g} at the start")
 
 

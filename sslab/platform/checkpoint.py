@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -28,26 +27,18 @@ from typing import Callable, ContextManager, Iterable, Iterator
 import torch
 
 from ..config import ConfigError
-from ..datasets.shards import read_manifest
+from ..datasets.shards import read_manifest, sha256_file
 from .spec import RunSpec, build_recipe
 
 STATE_FILE = "state.pt"
 INDEX_FILE = "checkpoint.json"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_state(path: str, recipe, optimizer, epoch: int, step: int, spec: RunSpec) -> None:
     state = os.path.join(path, STATE_FILE)
     torch.save({"recipe": recipe.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "global_step": step, "spec": spec.to_dict()}, state)
-    index = {"files": {STATE_FILE: {"bytes": os.path.getsize(state), "sha256": _sha256(state)}}, "epoch": epoch,
+    index = {"files": {STATE_FILE: {"bytes": os.path.getsize(state), "sha256": sha256_file(state)}}, "epoch": epoch,
              "global_step": step}
     with open(os.path.join(path, INDEX_FILE), "w") as f:
         json.dump(index, f)
@@ -72,7 +63,7 @@ def verify(path: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(file) != want["bytes"]:
             return f"{name} has {os.path.getsize(file)} bytes, {INDEX_FILE} says {want['bytes']}"
-        if _sha256(file) != want["sha256"]:
+        if sha256_file(file) != want["sha256"]:
             return f"{name}'s sha256 differs from {INDEX_FILE}"
     return None
 
