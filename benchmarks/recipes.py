@@ -44,6 +44,9 @@ PER_RECIPE = {"mocov1": {"recipe.queue_size": 4096}, "mocov2": {"recipe.queue_si
               "dino": {"recipe.hidden": 512}}
 
 
+DIAGNOSTICS = ("alignment", "uniformity", "effective_rank")   # `sslab eval --protocol diagnostics`, on test images
+
+
 def eval_splits(data: str):
     """The whole train and test splits, decoded once (the kNN bank and queries): (bx, by, qx, qy, manifest)."""
     return (*eval_split(data, "train", 0), *eval_split(data, "test", 0), read_manifest(data))
@@ -102,9 +105,10 @@ def val_knn(checkpoint: str) -> float:
 
 def evaluate(checkpoint: str, finetune_epochs: int) -> dict:
     """`sslab eval --protocol linear finetune --labels 10%` on a run's final checkpoint."""
-    ev = evaluate_checkpoint(checkpoint, None, ("linear", "finetune"), "10%", finetune_epochs=finetune_epochs)
+    ev = evaluate_checkpoint(checkpoint, None, ("linear", "finetune", "diagnostics"), "10%",
+                             finetune_epochs=finetune_epochs)
     return {"linear_top1": ev["linear_top1"], "finetune_top1": ev["finetune_10%_top1"],
-            "finetune_epochs": finetune_epochs}
+            "finetune_epochs": finetune_epochs} | {k: ev[k] for k in DIAGNOSTICS}
 
 
 def main() -> None:
@@ -140,6 +144,9 @@ def main() -> None:
                 ckpt = row.get("checkpoint") or find_checkpoint(sorted(glob.glob(os.path.join(
                     args.storage, f"{name}-e{row['epochs']}-*")))[-1])
                 row |= evaluate(ckpt, args.finetune_epochs)
+            if "effective_rank" not in row and row.get("checkpoint") and os.path.isdir(row["checkpoint"]):
+                row |= {k: v for k, v in evaluate_checkpoint(row["checkpoint"], None, ("diagnostics",)).items()
+                        if k in DIAGNOSTICS}
             if "random_init_val_knn" not in row:
                 row |= random_init_knn(spec)
             if "val_knn_top1" not in row and row.get("checkpoint") and os.path.isdir(row["checkpoint"]):
@@ -173,29 +180,32 @@ def write_table(results: dict, path: str) -> None:
     "Variants", every other row (settings tried beside them)."""
     base = results["_baselines"]
     header = ["| recipe | kNN top-1 | vs raw pixels | its encoder at random init | vs that | val kNN (vs init) "
-              "| linear top-1 | 10% fine-tune top-1 | steps | images/s | wall s | departures from paper |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| linear top-1 | 10% fine-tune top-1 | align / unif / rank | steps | images/s | wall s "
+              "| departures from paper |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda v: f"{100 * v:.2f}%" if v is not None else "-"
 
     def line(name, r):
         knn = r.get("knn_top1")
         if knn is None:
-            return f"| {name} | failed: {r.get('error')} |" + " |" * 10
+            return f"| {name} | failed: {r.get('error')} |" + " |" * 11
         init, val, val_init = r.get("random_init_knn", base["random_init"]), r.get("val_knn_top1"), \
             r.get("random_init_val_knn")
         val = f"{pct(val)} ({100 * (val - val_init):+.2f})" if val is not None and val_init else pct(val)
+        diag = (f"{r['alignment']:.2f} / {r['uniformity']:.2f} / {r['effective_rank']:.1f}"
+                if "effective_rank" in r else "-")
         return (f"| {name} | {100 * knn:.2f}% | {100 * (knn - base['raw_pixels']):+.2f} | {pct(init)} | "
                 f"{100 * (knn - init):+.2f} | {val} | {pct(r.get('linear_top1'))} | {pct(r.get('finetune_top1'))} | "
-                f"{r['steps']} | {r['images_per_s']:.0f} | {r['wall_s']} | "
+                f"{diag} | {r['steps']} | {r['images_per_s']:.0f} | {r['wall_s']} | "
                 f"{', '.join(f'{k}={v}' for k, v in r.get('departures', {}).items())} |")
 
     rows, recipes = sorted((k, v) for k, v in results.items() if not k.startswith("_")), set(registry.names())
     main_rows = [line(k, v) for k, v in rows if k in recipes]
     variants = [line(k, v) for k, v in rows if k not in recipes]
     lines = header + main_rows + [
-        f"| raw pixels | {pct(base['raw_pixels'])} | | | | | {pct(base['raw_pixels_linear'])} |" + " |" * 5,
+        f"| raw pixels | {pct(base['raw_pixels'])} | | | | | {pct(base['raw_pixels_linear'])} |" + " |" * 6,
         f"| random-init small CNN (width 16) | {pct(base['random_init'])} | | | | | "
-        f"{pct(base['random_init_linear'])} |" + " |" * 5]
+        f"{pct(base['random_init_linear'])} |" + " |" * 6]
     if variants:
         lines += ["", "Variants:", ""] + header + variants
     open(path, "w").write("\n".join(lines) + "\n")

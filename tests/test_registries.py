@@ -40,6 +40,6 @@ def test_every_registry_drives_its_cli_choices():
 
     data = next(a for a in sub["data"]._actions if a.dest == "data_cmd").choices
     assert list(choices(data["prepare"], "source")) == SOURCES.names() == ["fashion-mnist", "folder"]
-    assert list(choices(sub["eval"], "protocol")) == PROTOCOLS.names() == ["knn", "linear", "finetune"]
+    assert list(choices(sub["eval"], "protocol")) == PROTOCOLS.names() == ["knn", "linear", "finetune", "diagnostics"]
     assert list(choices(sub["tune"], "scheduler")) == SCHEDULERS.names() == ["asha", "pbt", "fifo"]
-    assert registry.names() == sorted(registry.RECIPES.names()) and len(registry.names()) == 13  # every module
+    assert registry.names() == sorted(registry.RECIPES.names()) and len(registry.names()) == 14  # every module

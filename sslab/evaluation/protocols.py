@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry
+from .diagnostics import representation_scores, sample_views
 from .knn import extract, knn_accuracy, make_prepare
 from .probe import balanced_subset, default_epochs, finetune, linear_probe, parse_fraction
 
@@ -90,6 +91,18 @@ def finetune_labels(task: EvalTask) -> dict:
     task.log(f"[sslab] fine-tune on {ft['labelled']} labelled images ({task.labels}), {ft['epochs']} epochs: "
              f"top-1 {ft['test_top1']:.4f}")
     return {f"{key}_top1": ft["test_top1"], f"{key}_labelled": ft["labelled"]}
+
+
+@PROTOCOLS.register("diagnostics")
+def diagnostics(task: EvalTask, sample: int = 1024) -> dict:
+    """Alignment, uniformity and effective rank (no labels used) on the first 1,024 test images and one fixed pair
+    of views of them, the same for every checkpoint."""
+    images = task.test_x[:sample]
+    views = sample_views(images, task.image_size, task.seed)
+    out = representation_scores(task.encoder.to(task.device), images, views, task.prepare())
+    task.log(f"[sslab] alignment {out['alignment']:.4f} (lower: views closer), uniformity {out['uniformity']:.4f} "
+             f"(lower: spread wider), effective rank {out['effective_rank']:.1f}")
+    return out
 
 
 def run_protocols(task: EvalTask, names) -> dict:

@@ -1,6 +1,6 @@
-"""What watches a run: the divergence and collapse guards, the kNN monitor, TensorBoard and the console. Each is a `Callback` the
-loop calls at fixed points; a callback may add metrics in `on_epoch_end` (monitors run first, loggers last, in the
-order of `default_callbacks`) or ask the loop to stop (`trainer.request_stop`). Tests add their own (fault
+"""What watches a run: the guards, the kNN and representation monitors, TensorBoard and the console. Each is
+a `Callback` the loop calls at fixed points; a callback may add metrics in `on_epoch_end` (monitors run first,
+loggers last, in the order of `default_callbacks`) or ask the loop to stop (`trainer.request_stop`). Tests add their own (fault
 injection lives in tests/, not here).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from .. import dist
 from ..datasets.views import view_grid
-from ..evaluation.diagnostics import collapse_score
+from ..evaluation.diagnostics import collapse_score, representation_scores, sample_views
 from ..evaluation.knn import eval_split, extract, knn_accuracy, pixel_knn
 
 
@@ -36,6 +36,16 @@ class Callback:
         """After the last epoch of this run, or when it stops with an error."""
 
 
+def eval_prepare(trainer):
+    """uint8 stored images -> the encoder's input: normalised, on the device, at the training views' size."""
+    size = trainer.image_size
+
+    def prepare(x):
+        x = trainer.prepare(x)
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear") if x.shape[-1] != size else x
+    return prepare
+
+
 class KnnMonitor(Callback):
     """Weighted kNN top-1 of the encoder's features (engine.knn_*: bank of training images, test queries) every
     `knn_every` epochs and at the last, beside the same kNN on raw pixels. Needs labels and a test split."""
@@ -51,13 +61,9 @@ class KnnMonitor(Callback):
         eng, done = trainer.spec.engine, trainer.epoch + 1
         if not (self.on and (done % eng.knn_every == 0 or done == trainer.last_epoch)):
             return
-        path, size = trainer.spec.data.path, trainer.image_size
+        path, prepare = trainer.spec.data.path, eval_prepare(trainer)
         bank_x, bank_y = eval_split(path, "train", eng.knn_bank)
         query_x, query_y = eval_split(path, "test", eng.knn_queries)
-
-        def prepare(x):  # the stored images at the training views' size
-            x = trainer.prepare(x)
-            return torch.nn.functional.interpolate(x, size=size, mode="bilinear") if x.shape[-1] != size else x
         encoder = trainer.recipe.encoder()
         bank, queries = extract(encoder, bank_x, prepare), extract(encoder, query_x, prepare)
         metrics["knn_top1"] = knn_accuracy(bank, bank_y, queries, query_y, trainer.manifest.num_classes, eng.knn_k,
@@ -66,6 +72,27 @@ class KnnMonitor(Callback):
             self.baseline = pixel_knn(path, trainer.manifest.num_classes, eng.knn_bank, eng.knn_queries, eng.knn_k,
                                       eng.knn_t)
         metrics["knn_top1_pixels"] = self.baseline
+
+
+class RepresentationMonitor(Callback):
+    """Alignment, uniformity and effective rank (evaluation.diagnostics) every epoch, on the first
+    engine.diagnostics training images and one fixed pair of views of them, made once per run; needs no labels."""
+
+    def on_run_start(self, trainer) -> None:
+        n = trainer.spec.engine.diagnostics
+        self.images = None
+        if n:
+            from ..datasets.shards import load_split
+
+            images = torch.from_numpy(load_split(trainer.spec.data.path, "train", n)[0])
+            if len(images) >= 2:
+                self.images = images
+                self.views = sample_views(images, trainer.image_size, trainer.spec.engine.seed)
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        if self.images is None:
+            return
+        metrics |= representation_scores(trainer.recipe.encoder(), self.images, self.views, eval_prepare(trainer))
 
 
 class CollapseGuard(Callback):
@@ -193,10 +220,13 @@ class Console(Callback):
         knn = (f" knn_top1 {metrics['knn_top1']:.4f} (raw pixels {metrics['knn_top1_pixels']:.4f})"
                if "knn_top1" in metrics else "")
         collapse = f" collapse_score {metrics['collapse_score']:.3f}" if "collapse_score" in metrics else ""
+        diag = (f" align {metrics['alignment']:.3f} unif {metrics['uniformity']:.3f} "
+                f"rank {metrics['effective_rank']:.1f}" if "effective_rank" in metrics else "")
         trainer.log(f"[sslab] epoch {metrics['epoch']}/{trainer.spec.engine.epochs} done: loss {metrics['loss']:.4f} "
-                    f"{metrics['images_per_s']:.0f} img/s{collapse}{knn}")
+                    f"{metrics['images_per_s']:.0f} img/s{collapse}{diag}{knn}")
 
 
 def default_callbacks(log_dir: str = "") -> list[Callback]:
     """The standard watchers: the per-step guard, then monitors, the epoch guard and the loggers."""
-    return [DivergenceGuard(), KnnMonitor(), CollapseGuard(), DataGuard(), TensorBoardLogger(log_dir), Console()]
+    return [DivergenceGuard(), KnnMonitor(), RepresentationMonitor(), CollapseGuard(), DataGuard(),
+            TensorBoardLogger(log_dir), Console()]

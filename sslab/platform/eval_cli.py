@@ -15,7 +15,7 @@ def add_commands(sub) -> None:
                    "(its latest checkpoint_*)")
     s.add_argument("--data", help="evaluation data made by `sslab data prepare` (default: the run's own)")
     s.add_argument("--protocol", nargs="+", choices=PROTOCOLS.names(),
-                   help="what to run (default knn, unless only --export/--projector is asked for): " +
+                   help="what to run (default knn and diagnostics, unless only --export/--projector is asked for): " +
                    "; ".join(f"{n}: {PROTOCOLS.get(n).__doc__.strip().splitlines()[0]}" for n in PROTOCOLS.names()))
     s.add_argument("--labels", default="10%", help="fine-tuning: class-balanced share of the labels, e.g. 1%%, "
                    "10%%, 100%% (fixed --seed)")
@@ -30,8 +30,8 @@ def add_commands(sub) -> None:
     s.add_argument("--projector", type=int, default=0, metavar="N",
                    help="write N test features with labels and thumbnails for TensorBoard's projector")
     s.add_argument("--logdir", help="where the projector goes (default: the run's tensorboard directory)")
-    s.add_argument("--table", metavar="RUNS_DIR", help="evaluate every run under RUNS_DIR (kNN, linear, "
-                   "fine-tune --labels) and write a Markdown table")
+    s.add_argument("--table", metavar="RUNS_DIR", help="evaluate every run under RUNS_DIR (every "
+                   "protocol: kNN, linear, fine-tune --labels, diagnostics) and write a Markdown table")
     s.add_argument("--out", help="write the results as JSON here (with --table: the Markdown file)")
     s.set_defaults(fn=cmd_eval)
 
@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
     if args.export:
         results["export"] = export(args.checkpoint, args.export, args.data)
         print(f"[sslab] exported {', '.join(results['export'])}")
-    protocols = args.protocol or ([] if args.export or args.projector else ["knn"])
+    protocols = args.protocol or ([] if args.export or args.projector else ["knn", "diagnostics"])
     if protocols or args.projector:
         try:
             results |= evaluate_checkpoint(args.checkpoint, args.data, protocols, args.labels,

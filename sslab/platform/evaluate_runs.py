@@ -87,11 +87,15 @@ def results_table(runs_dir: str, data_dir: str | None = None, labels: str = "10%
     pct = lambda v: f"{100 * v:.2f}" if isinstance(v, float) else "-"
     # a column per top-1 result, in the order the protocols gave them: a new protocol gets its column
     cols = [k for k in rows[0] if k.endswith("_top1") and k != "knn_top1_pixels"]
+    diag = [k for k in ("alignment", "uniformity", "effective_rank") if k in rows[0]]   # label-free, not in %
     lines = ["| run | recipe | backbone | epochs | " + " | ".join(k[:-5].replace("_", " ") + " top-1" for k in cols)
-             + " |", "|---|---|---|---:|" + "---:|" * len(cols)]
+             + "".join(f" | {k.replace('_', ' ')}" for k in diag) + " |",
+             "|---|---|---|---:|" + "---:|" * (len(cols) + len(diag))]
     lines += [f"| {r['run']} | {r['recipe']} | {r['model']} | {r['epochs']} | "
-              + " | ".join(pct(r.get(k)) for k in cols) + " |" for r in rows]
-    lines.append("| raw pixels | - | - | - | " + " | ".join(pct(rows[0].get(f"{k}_pixels")) for k in cols) + " |")
+              + " | ".join(pct(r.get(k)) for k in cols) + "".join(f" | {r[k]:.3f}" for k in diag) + " |"
+              for r in rows]
+    lines.append("| raw pixels | - | - | - | " + " | ".join(pct(rows[0].get(f"{k}_pixels")) for k in cols)
+                 + " | -" * len(diag) + " |")
     md = "\n".join(lines) + "\n"
     out = out or os.path.join(runs_dir, "results.md")
     with open(out, "w") as f:

@@ -58,7 +58,7 @@ def train_step(parts: StepParts, views: list[torch.Tensor], batch: dict[str, tor
     progress = schedule.progress(step)
     lr, wd = schedule.lr(step), schedule.wd(step)
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
         if g["decay"]:  # groups without decay (biases, norms) stay without
             g["weight_decay"] = wd
     device = views[0].device
@@ -183,7 +183,8 @@ class Trainer:
             recipe = recipe.to(memory_format=torch.channels_last)
         self.recipe = recipe
         peak_lr = eng.base_lr * eng.batch_size / 256
-        self.optimizer = build_optimizer(eng.optimizer, recipe, peak_lr, eng.momentum, eng.weight_decay)
+        self.optimizer = build_optimizer(eng.optimizer, recipe, peak_lr, eng.momentum, eng.weight_decay,
+                                         recipe.optimizer_groups())
         total = self.steps_per_epoch * eng.epochs
         self.schedule = Schedule(total, int(eng.warmup_epochs * self.steps_per_epoch), peak_lr, eng.final_lr_ratio,
                                  eng.weight_decay, eng.weight_decay_end)

@@ -41,6 +41,8 @@ class EngineConfig:
     knn_t: float = knob(0.1, "kNN vote temperature", min=0.0, min_exclusive=True)
     knn_bank: int = knob(0, "training images in the kNN bank (0 = all)", min=0)
     knn_queries: int = knob(0, "test images queried (0 = all)", min=0)
+    diagnostics: int = knob(1024, "training images (the first N) scored every epoch for alignment, uniformity and "
+                                  "effective rank (0 = off)", min=0)
     divergence_factor: float = knob(1000.0, "stop when the weights' global L2 norm exceeds this multiple of its value "
                                              "at the run's start (0 = never)", min=0.0)
     collapse_threshold: float = knob(0.02, "stop when std(normalised embedding) * sqrt(d) falls below this "

@@ -2,8 +2,10 @@
 small images). All built with random weights (`pretrained=False`); each exposes `.feat_dim`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config import knob
@@ -97,3 +99,32 @@ def build_backbone(cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Modul
         return resnet(cfg.name, in_chans, cifar_stem(cfg, image_size))
     return _timm(cfg, in_chans, image_size)
 
+
+
+def local_layer(backbone: nn.Module) -> nn.Module:
+    """The layer whose output is the backbone's local feature map (Deep InfoMax's M): the small CNN's third block,
+    a ResNet's layer3, a ViT's last block (its patch tokens)."""
+    if isinstance(backbone, SmallCNN):
+        return backbone.body[8]                  # after the third conv-BN-ReLU: [n, 4w, S/4, S/4]
+    if hasattr(backbone, "layer3"):
+        return backbone.layer3                   # torchvision ResNet: [n, 256 (1024 for resnet50), S/8 or S/4, ...]
+    if hasattr(backbone, "blocks") and hasattr(backbone, "num_prefix_tokens"):
+        return backbone.blocks[-1]               # timm ViT: [n, prefix + h*w, C]
+    raise ValueError(f"no local feature map known for {type(backbone).__name__}: use small_cnn, a resnet or a ViT")
+
+
+def forward_with_local(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the backbone's features [n, feat_dim] and its local feature map [n, C, h, w] (ViT patch
+    tokens laid out on their grid). The hook lives only for this call, so the backbone stays a plain module."""
+    seen = []
+    handle = local_layer(backbone).register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        feats = backbone(x)
+    finally:
+        handle.remove()
+    local = seen[-1]
+    if local.dim() == 3:                         # tokens: drop the class/register tokens, lay patches on the grid
+        tokens = local[:, backbone.num_prefix_tokens:]
+        side = math.isqrt(tokens.shape[1])
+        local = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    return feats, local

@@ -6,7 +6,7 @@ never probes for attributes; a recipe overrides only what its method needs. Reci
 import torch.distributed: they get their device from the loop and their collectives from `sslab.dist`, and every
 schedule is a function of `progress` in [0, 1] (steps done / steps of the whole run), so resume is exact.
 
-Where each hook runs, for one epoch:
+Where each hook runs (`optimizer_groups` once, when the optimizer is built), for one epoch:
 
     before_epoch(epoch, data)            model in training mode, before the epoch's first step
     for each step:
@@ -70,6 +70,11 @@ class Recipe(Protocol):
         """Before epoch `epoch` (0-based; also after a resume). `data` is one pass over the training stream, read
         only if the recipe iterates it (InstDisc and CMC rewrite their memory banks from it). Returns figures for
         the log, e.g. {"bank_rows_filled": 60000}."""
+        return {}
+
+    def optimizer_groups(self) -> dict[str, dict]:
+        """Submodules whose parameters need optimizer settings of their own, {name: {"weight_decay": w, "lr_scale":
+        s}}, e.g. Deep InfoMax's prior discriminator. Everything else gets the run's settings."""
         return {}
 
     def before_optimizer_step(self, progress: float) -> None:

@@ -41,7 +41,7 @@ STEPS = 10  # the run the steps belong to: step k is at progress k / STEPS
 
 
 def optimizer(recipe):
-    return build_optimizer("sgd", recipe, 0.05, 0.9, 0.0)
+    return build_optimizer("sgd", recipe, 0.05, 0.9, 0.0, recipe.optimizer_groups())
 
 
 def one_step(recipe, views, meta, progress, opt):
