@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, get_type_hints
+from typing import Any, Callable, Mapping, get_type_hints
 
 import yaml
 
@@ -130,8 +130,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """A YAML preset by path or by name from sslab/presets/, returned as flat dotted keys."""
+def load_preset(name_or_path: str, recipe: str | None = None,
+                knobs: Callable[[str], Mapping[str, set]] | None = None) -> dict[str, Any]:
+    """A YAML preset by path or by name from sslab/presets/, returned as flat dotted keys.
+
+    A preset may add per-recipe sections under `recipes:` ({simclr: {engine: ..., recipe: ...}, byol: ...}): the
+    entry of `recipe` is merged over the shared sections, and such a preset must be loaded for a recipe it covers.
+    With `knobs` (recipe name -> {section: its field names}; raises ConfigError for an unknown recipe), every key
+    is checked, each entry's against its own recipe's, and an unknown one fails naming the file. The platform
+    passes it (`spec.preset_overrides`): this module knows no recipes."""
     path = name_or_path
     if not os.path.exists(path):
         here = os.path.join(os.path.dirname(__file__), "presets", f"{name_or_path}.yaml")
@@ -148,7 +155,45 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{path}: a preset must be a mapping of sections (engine:, data:, recipe:, model:)")
-    return flatten(tree)
+
+    def check(flat: Mapping[str, Any], name: str, where: str) -> None:
+        if knobs is None:
+            return
+        try:
+            known = knobs(name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        for key in flat:
+            section, _, field_name = key.partition(".")
+            if section not in known or not field_name:
+                raise ConfigError(f"{where}: unknown key {key!r}: keys look like section.name with section one of "
+                                  f"{', '.join(known)}")
+            if field_name not in known[section]:
+                raise ConfigError(f"{where}: unknown key {key}; valid keys of {section}: "
+                                  f"{', '.join(sorted(known[section]))}")
+
+    tree = dict(tree)
+    entries = tree.pop("recipes", None)
+    shared = flatten(tree)
+    if entries is None:
+        if recipe is not None:
+            check(shared, recipe, path)
+        return shared
+    if not isinstance(entries, Mapping):
+        raise ConfigError(f"{path}: recipes: must map recipe names to sections, e.g. recipes: {{simclr: {{recipe: "
+                          f"{{temperature: 0.2}}}}}}")
+    covered = ", ".join(map(str, entries)) or "none"
+    if recipe is None:
+        raise ConfigError(f"preset {name_or_path!r} has settings per recipe ({covered}): load it for one of them")
+    if recipe not in entries:
+        raise ConfigError(f"preset {name_or_path!r} has no settings for recipe {recipe!r}; it covers: {covered}")
+    for name, entry in entries.items():
+        where = f"{path}: recipes.{name}"
+        if entry is not None and not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: must be a mapping of sections (engine:, data:, recipe:, model:)")
+        check(flatten(entry or {}), name, where)
+    check(shared, recipe, path)
+    return {**shared, **flatten(entries[recipe] or {})}
 
 
 def asdict(obj) -> dict[str, Any]:
