@@ -1,6 +1,7 @@
 """The sweep's report: one row per trial (knobs, epochs run, final and best kNN top-1, status and why), printed
 and written to SWEEP/report/ as trials.csv and trials.md, the best configuration as a preset `sslab train
---preset` reads (best.yaml), one PNG per knob (knn_top1 against it) and TensorBoard HParams (SWEEP/hparams)."""
+--preset` reads (best.yaml), PNGs (sweep.png: every trial's knn_top1 per epoch beside its final score against
+each knob; one PNG per knob with that scatter alone) and TensorBoard HParams (SWEEP/hparams)."""
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from ..plots import Knob, SweepTrial, knob_figure, save_png, sweep_figure
 from . import spaces
-from .plots import scatter_png
 from .runner import METRIC, Sweep
 
 # keys the preset leaves out: where the data is, and how the sweep placed and segmented its runs
@@ -173,15 +174,12 @@ def write_report(sweep: Sweep, grid, out: str | None = None) -> dict[str, Any]:
     with open(files["markdown"], "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
-    for r in sweep.space:
-        points = [(_x(r, row.knobs[r.key]), row.final, row.status) for row in rows
-                  if row.final == row.final and r.key in row.knobs]
-        name = f"{METRIC}_vs_{r.key}.png"
-        files[f"png:{r.key}"] = os.path.join(out, name)
-        log = r.kind in ("loguniform", "1-loguniform")
-        scatter_png(files[f"png:{r.key}"], points, ylabel=METRIC, log=log,
-                    title=f"{sweep.name}: final {METRIC} per trial (hollow: stopped early, x: failed)",
-                    xlabel=("1 - " if r.kind == "1-loguniform" else "") + r.key + (" (log)" if log else ""))
+    trials, knobs = plotted(sweep, rows)
+    files["png"] = save_png(sweep_figure(trials, knobs, metric=METRIC, title=f"sweep {sweep.name}: {sweep.recipe}"),
+                            os.path.join(out, "sweep.png"))
+    for knob in knobs:
+        fig = knob_figure(trials, knob, metric=METRIC, title=f"{sweep.name}: final {METRIC} per trial")
+        files[f"png:{knob.key}"] = save_png(fig, os.path.join(out, f"{METRIC}_vs_{knob.key}.png"))
 
     files["hparams"] = write_hparams(sweep, rows)
 
@@ -193,7 +191,7 @@ def write_report(sweep: Sweep, grid, out: str | None = None) -> dict[str, Any]:
         print(f"[sslab] best checkpoint: {best.checkpoint or '-'}")
     for t, e in events:
         print(f"[sslab] PBT exploit: {t} {e}")
-    print(f"[sslab] report: {files['markdown']} {files['csv']} and {len(sweep.space)} PNG(s) in {out}")
+    print(f"[sslab] report: {files['markdown']} {files['csv']} {files['png']} and {len(knobs)} PNG(s) in {out}")
     print(f"[sslab] TensorBoard (HParams, every trial's curves): tensorboard --logdir {sweep.path}")
     unfinished = sum(r.status == "unfinished" for r in rows)
     if unfinished:
@@ -202,8 +200,19 @@ def write_report(sweep: Sweep, grid, out: str | None = None) -> dict[str, Any]:
     return {"rows": rows, "best": best, "files": files, "unfinished": unfinished}
 
 
-def _x(r, value):
-    return 1.0 - value if r.kind == "1-loguniform" else value
+def plotted(sweep: Sweep, rows: list[Row]) -> tuple[list[SweepTrial], list[Knob]]:
+    """The rows and the space as the figures take them: a 1-loguniform knob is drawn as 1 - value on a log axis,
+    choices and grids as categories, and each PBT exploit at the epoch whose checkpoint the clone started from."""
+    knobs = [Knob(r.key, ("1 - " if r.kind == "1-loguniform" else "") + r.key,
+                  log=r.kind in ("loguniform", "1-loguniform"), categories=r.values if r.discrete else ())
+             for r in sweep.space]
+    trials = []
+    for row in rows:
+        x = {r.key: 1.0 - row.knobs[r.key] if r.kind == "1-loguniform" else row.knobs[r.key] for r in sweep.space
+             if r.key in row.knobs}
+        exploits = [int(e) for text in row.exploits for e in re.findall(r"after epoch (\d+)", text)]
+        trials.append(SweepTrial(row.trial, row.status, row.history, x, exploits))
+    return trials, knobs
 
 
 def write_hparams(sweep: Sweep, rows: list[Row]) -> str:

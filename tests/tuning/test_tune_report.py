@@ -10,7 +10,7 @@ from PIL import Image
 from sslab.config import load_preset
 from sslab.platform.spec import make_spec
 from sslab.tuning import spaces
-from sslab.tuning.report import failure_reason, write_report
+from sslab.tuning.report import failure_reason, plotted, write_report
 from sslab.tuning.runner import Sweep
 
 
@@ -80,6 +80,17 @@ def test_report_rows_files_and_best_preset(sweep, capsys):
     for key in ("recipe.temperature", "recipe.dim"):
         with Image.open(files[f"png:{key}"]) as img:
             assert img.format == "PNG" and img.size == (640, 420)
+    with Image.open(files["png"]) as img:  # the curves, and a column of two knobs beside them
+        assert img.format == "PNG" and img.size == (1060, 560)
+    # what the figures draw: the histories as reported, the exploit at the epoch the clone started from, the
+    # temperature on a log axis and the dim as categories in the space's order
+    trials, knobs = plotted(sweep, out["rows"])
+    assert [(t.name, t.status, len(t.history), t.exploits) for t in trials] == [
+        ("simclr_a_00000", "done", 3, []), ("simclr_a_00001", "stopped", 1, []),
+        ("simclr_a_00002", "failed", 2, []), ("simclr_a_00003", "done", 3, [2])]
+    assert trials[3].knobs == {"recipe.temperature": 0.05, "recipe.dim": 128}
+    assert [(k.key, k.log, k.categories) for k in knobs] == [("recipe.temperature", True, ()),
+                                                             ("recipe.dim", False, (64, 128))]
     for trial in rows:  # one HParams session per trial
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(files["hparams"], trial)))
 
