@@ -209,11 +209,87 @@ def load_image(path: Union[str, Path], size: int, channels: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+INFER_SAMPLE = 200       # images read to infer the folder source's size and channels
+MAX_INFERRED_SIZE = 224  # ImageNet's training size: larger images are shrunk to it unless --size asks for more
+
+
+def _split_roots(src: Path) -> list[tuple[Optional[str], Path]]:
+    """(split, root) pairs the folder source reads: `src/train` and `src/test` (or `src/val`) when both exist, else
+    (None, src): split by hash."""
+    held_out = next((src / d for d in ("test", "val") if (src / d).is_dir()), None)
+    return [("train", src / "train"), ("test", held_out)] if (src / "train").is_dir() and held_out else [(None, src)]
+
+
+def folder_images(src: Union[str, Path]) -> list[Path]:
+    """The image files the folder source reads, relative to `src`, in a stable order."""
+    src = Path(src)
+    return [(root / rel).relative_to(src) for _, root in _split_roots(src) for rel in _walk_images(root)]
+
+
+def _is_grey(img) -> bool:
+    """A grey image: a grey mode, or colour channels that are equal everywhere (grey pictures saved as RGB)."""
+    if img.mode in ("1", "L", "LA", "La", "F") or img.mode.startswith("I"):
+        return True
+    img.draft("RGB", (256, 256))   # JPEG only: decode at reduced scale, still plenty of pixels to see colour
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def infer_folder_format(src: Union[str, Path], size: Optional[int] = None, channels: Optional[int] = None,
+                        seed: int = 0) -> tuple[int, int, str]:
+    """(size, channels, why) for the folder source: those given, the others inferred from a seeded sample of up to
+    `INFER_SAMPLE` of its images; `why` is one line saying what was inferred and why ("" when nothing was).
+
+    channels: 1 when every readable sampled image is grey (`_is_grey`), else 3. size: the median of their shorter
+    sides (read from the headers), capped at `MAX_INFERRED_SIZE` and rounded to a multiple of 8.
+    """
+    from PIL import Image
+
+    src = Path(src)
+    if size is not None and channels is not None:
+        return size, channels, ""
+    files = folder_images(src)
+    if not files:
+        raise ValueError(f"image folder {src} has no readable images (no {'/'.join(IMAGE_SUFFIXES)} files)")
+    sample = random.Random(seed).sample(files, min(INFER_SAMPLE, len(files)))
+    sides, colour, bad = [], None, []
+    for rel in sample:
+        try:
+            with Image.open(src / rel) as img:
+                side = min(img.size)                        # header only; EXIF rotation keeps the shorter side
+                if channels is None and colour is None and not _is_grey(img):
+                    colour = rel                            # one colour image decides: no need to decode more
+            sides.append(side)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            bad.append(f"{rel}: {type(e).__name__}: {e}")
+    if not sides:
+        raise ValueError(f"image folder {src}: no readable images ({len(bad)} skipped of {len(sample)} sampled, "
+                         f"e.g. {bad[0]}); pass --size and --channels to prepare it anyway")
+    said = []
+    if size is None:
+        median = float(np.median(sides))
+        # A multiple of 8: the small CNN and the ResNets halve the image three times, CPC's automatic grid strides
+        # by size/8, and ViT patches of 4 or 8 px tile it, so no model crops or pads a ragged edge; 8 is the least.
+        size = min(MAX_INFERRED_SIZE, max(8, 8 * int(median / 8 + 0.5)))
+        how = (f", capped at {MAX_INFERRED_SIZE}" if median > MAX_INFERRED_SIZE else
+               ", rounded to a multiple of 8" if size != median else "")
+        said.append(f"{size} px (median shorter side {median:g} of {len(sides)} sampled images{how})")
+    if channels is None:
+        channels = 3 if colour else 1
+        said.append(f"3 channels ({colour} is in colour)" if colour else
+                    f"1 channel (all {len(sides)} sampled images are grey)")
+    skipped = f"; skipped {len(bad)} unreadable sampled file(s), e.g. {bad[0]}" if bad else ""
+    return size, channels, f"[{src.resolve().name or 'images'}] inferred {', '.join(said)}{skipped}"
+
+
 @SOURCES.register("folder")
-def image_folder(src: Union[str, Path], size: int = 64, channels: int = 3, test_fraction: float = 0.1,
-                 seed: int = 0) -> Source:
+def image_folder(src: Union[str, Path], size: Optional[int] = None, channels: Optional[int] = None,
+                 test_fraction: float = 0.1, seed: int = 0) -> Source:
     """Every image under a folder, resized and centre-cropped to size x size x channels; class = sub-folder.
 
+    size and channels not given (None) are inferred from a seeded sample of the images and said in one printed
+    line (`infer_folder_format`): 1 channel when all are grey, else 3; the median shorter side, capped at 224 and
+    rounded to a multiple of 8.
     Splits: `src/train` and `src/test` (or `src/val`, named "test") when both exist; otherwise each file goes to
     test when a hash of its relative path falls below `test_fraction` (stable across runs and machines).
     Class: the first folder under the split root (sorted names -> 0..K-1); None for images at the top.
@@ -221,14 +297,15 @@ def image_folder(src: Union[str, Path], size: int = 64, channels: int = 3, test_
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder {src} does not exist or is not a folder")
-    if channels not in (1, 3):
+    if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if size < 1 or not 0.0 <= test_fraction <= 1.0:
+    if (size is not None and size < 1) or not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"need size >= 1 and 0 <= test_fraction <= 1, got size={size}, "
                          f"test_fraction={test_fraction}")
-    held_out = next((src / d for d in ("test", "val") if (src / d).is_dir()), None)
-    roots = [("train", src / "train"), ("test", held_out)] if (src / "train").is_dir() and held_out else \
-        [(None, src)]   # None: split by hash
+    if size is None or channels is None:
+        size, channels, why = infer_folder_format(src, size, channels, seed)
+        print(why)
+    roots = _split_roots(src)
 
     # First pass over paths only (no decoding) to fix the class list before any label is emitted.
     classes = tuple(sorted({rel.parts[0] for _, root in roots for rel in _walk_images(root)
