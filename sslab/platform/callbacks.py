@@ -1,13 +1,15 @@
 """What watches a run: the guards, the kNN and representation monitors, TensorBoard and the console. Each is
 a `Callback` the loop calls at fixed points; a callback may add metrics in `on_epoch_end` (monitors run first,
-loggers last, in the order of `default_callbacks`) or ask the loop to stop (`trainer.request_stop`). Tests add their own (fault
-injection lives in tests/, not here).
+loggers last, in the order of `default_callbacks`) or ask the loop to stop (`trainer.request_stop`). Tests add
+their own (fault injection lives in tests/, not here).
 """
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
+import time
 
 import torch
 
@@ -15,6 +17,7 @@ from .. import dist
 from ..datasets.views import view_grid
 from ..evaluation.diagnostics import collapse_score, representation_scores, sample_views
 from ..evaluation.knn import eval_split, extract, knn_accuracy, pixel_knn
+from .runs import append_history, read_history
 
 
 class Callback:
@@ -178,7 +181,9 @@ class TensorBoard:
 
 
 class TensorBoardLogger(Callback):
-    """Rank 0 writes every epoch's scalars and, at the first step of a run, a grid of the views it trains on."""
+    """Rank 0 writes, under the run's tensorboard/ folder: loss, lr and images/s every engine.log_every steps
+    (`step/*`, x = global step); every epoch's metrics (x = epoch); a grid of the views at the run's first step;
+    and at the end the run's resolved config as HParams beside its final metrics, so runs compare side by side."""
 
     def __init__(self, log_dir: str):
         self.log_dir, self.writer = log_dir, None
@@ -186,12 +191,24 @@ class TensorBoardLogger(Callback):
     def on_run_start(self, trainer) -> None:
         if trainer.ctx.rank == 0 and self.log_dir:
             self.writer = TensorBoard(self.log_dir)
-        self.first = True
+        self.first, self.final = True, {}
 
     def on_step_end(self, trainer, batch: dict, out) -> None:
-        if self.writer and self.first:
+        if not self.writer:
+            return
+        m = trainer.meter
+        if self.first:
             self.writer.add_image("views", view_grid([batch[c] for c in trainer.columns]), trainer.step)
-        self.first = False
+            self.first = False
+        if m.steps == 1:
+            self.mark = (0, 0.0, 0, m.t0)         # the interval's start: steps, loss sum, images, time
+        if m.steps % trainer.spec.engine.log_every == 0:
+            steps, loss_sum, images, t = self.mark
+            now = time.perf_counter()
+            self.writer.add_scalar("step/loss", (m.loss_sum - loss_sum) / (m.steps - steps), trainer.step)
+            self.writer.add_scalar("step/lr", trainer.schedule.lr(trainer.step - 1), trainer.step)
+            self.writer.add_scalar("step/images_per_s", (m.images - images) / max(now - t, 1e-9), trainer.step)
+            self.mark = (m.steps, m.loss_sum, m.images, now)
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         if not self.writer:
@@ -199,22 +216,56 @@ class TensorBoardLogger(Callback):
         for k, v in metrics.items():
             if k not in ("epoch", "step") and math.isfinite(v):
                 self.writer.add_scalar(k, v, metrics["epoch"])
+        self.final = dict(metrics)
         self.writer.flush()  # and, for a URI run directory, upload
 
     def on_run_end(self, trainer) -> None:
-        if self.writer:
-            self.writer.close()
+        if not self.writer:
+            return
+        if self.final:
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in trainer.spec.flat().items()}
+            add_hparams(self.writer.writer, {"recipe": trainer.spec.recipe_name} | hparams,
+                        {f"final/{k}": v for k, v in self.final.items() if math.isfinite(v)})
+        self.writer.close()
+
+
+def add_hparams(writer, hparams: dict, metrics: dict) -> None:
+    """HParams into the writer's own event file (SummaryWriter.add_hparams would open a sub-run per call)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    for summary in hparams_summary(hparams, metrics):
+        writer.file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v)
+
+
+class History(Callback):
+    """Rank 0 appends every epoch's metrics to the run directory's metrics.jsonl (what `sslab runs` reads) and, at
+    the end of the run, draws them as curves.png there."""
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        if trainer.ctx.rank == 0:
+            append_history(trainer.ctx.run_dir, metrics)
+
+    def on_run_end(self, trainer) -> None:
+        run_dir = trainer.ctx.run_dir
+        if trainer.ctx.rank == 0 and run_dir and "://" not in run_dir and read_history(run_dir):
+            from ..plots import run_curves_png
+
+            run_curves_png(read_history(run_dir), os.path.join(run_dir, "curves.png"))
 
 
 class Console(Callback):
-    """sslab's progress lines on rank 0: every engine.log_every steps, and a summary per epoch."""
+    """Rank 0's progress (a bar, or a line every engine.log_every steps) and a summary line per epoch."""
 
     def on_step_end(self, trainer, batch: dict, out) -> None:
         m, eng = trainer.meter, trainer.spec.engine
-        if m.steps % eng.log_every == 0:
-            trainer.log(f"[sslab] epoch {trainer.epoch + 1}/{eng.epochs} step {m.steps}/{trainer.steps_per_epoch} "
-                        f"loss {m.mean_loss():.4f} lr {trainer.schedule.lr(trainer.step - 1):.4g} "
-                        f"{m.rate():.0f} img/s")
+        if trainer.ctx.rank == 0:   # the context shows it: a bar on a terminal, else a line every log_every steps
+            trainer.ctx.progress({"epoch": trainer.epoch + 1, "epochs": eng.epochs, "step": m.steps,
+                                  "steps": trainer.steps_per_epoch, "loss": m.mean_loss(),
+                                  "lr": trainer.schedule.lr(trainer.step - 1), "rate": m.rate(),
+                                  "batch": eng.batch_size, "log_every": eng.log_every})
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         knn = (f" knn_top1 {metrics['knn_top1']:.4f} (raw pixels {metrics['knn_top1_pixels']:.4f})"
@@ -229,4 +280,4 @@ class Console(Callback):
 def default_callbacks(log_dir: str = "") -> list[Callback]:
     """The standard watchers: the per-step guard, then monitors, the epoch guard and the loggers."""
     return [DivergenceGuard(), KnnMonitor(), RepresentationMonitor(), CollapseGuard(), DataGuard(),
-            TensorBoardLogger(log_dir), Console()]
+            TensorBoardLogger(log_dir), History(), Console()]

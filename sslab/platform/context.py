@@ -23,6 +23,7 @@ import torch
 
 from .. import dist
 from .checkpoint import checkpoints, newest_usable
+from .console import Sender, View
 
 
 def _say(rank: int):
@@ -34,7 +35,7 @@ class RayContext:
     `ray.train.get_checkpoint()` (a restart or a re-run of the same name), else from `start_from` (a new run
     branching off another run's checkpoint: PBT's exploit)."""
 
-    def __init__(self, run_dir: str = "", start_from: str = "", bad_rows: str = ""):
+    def __init__(self, run_dir: str = "", start_from: str = "", bad_rows: str = "", messages: str = ""):
         import ray.train
         import ray.train.torch
 
@@ -42,6 +43,21 @@ class RayContext:
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.run_dir, self.start_from, self._bad_rows = run_dir, start_from, bad_rows
         self._shard = ray.train.get_dataset_shard("train")
+        # rank 0's lines and progress go to the driver's console (console.py); without one, to this worker's stdout
+        self._sender = Sender(messages) if messages and self.rank == 0 else None
+        self._view = View(tty=False)
+
+    def log(self, line: str) -> None:
+        if self._sender:
+            self._sender.line(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, p: dict) -> None:
+        if self._sender:
+            self._sender.progress(p)
+        else:
+            self._view.progress(p)
 
     def bad_rows(self) -> int:
         """Training rows the stream has skipped so far because they would not decode (counted once each)."""
@@ -110,6 +126,13 @@ class LocalContext:
         self.device = torch.device(device)
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.reports: list[dict] = []
+        self._view = View()
+
+    def log(self, line: str) -> None:
+        self._view.line(line)
+
+    def progress(self, p: dict) -> None:
+        self._view.progress(p)
 
     def bad_rows(self) -> int:
         return 0  # the in-process stream decodes its split up front, and an unreadable row is an error there

@@ -2,11 +2,9 @@
 worker function runs the loop (loop.py) in the Ray context (context.py)."""
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import socket
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,8 +15,10 @@ from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
 from .checkpoint import check_resumable
+from .console import driver_console, quiet_stderr
 from .context import RayContext
 from .loop import Trainer
+from .runs import ended, read_record, resolve_storage, run_lock, write_record
 from .spec import RunSpec, steps_per_epoch
 
 
@@ -27,16 +27,6 @@ class Placement:
     workers: int
     cpus_per_worker: float
     use_gpu: bool
-
-
-def default_storage() -> str:
-    return os.path.abspath(os.environ.get("SSLAB_STORAGE", "runs"))
-
-
-def resolve_storage(storage: str | None) -> str:
-    """Local paths become absolute; URIs (s3://, gs://, ...) pass through to Ray's pyarrow filesystems."""
-    storage = storage or default_storage()
-    return storage if "://" in storage else os.path.abspath(storage)
 
 
 def verify_data(spec: RunSpec, manifest) -> None:
@@ -94,7 +84,7 @@ def validate(spec: RunSpec, workers: int):
 RUNTIME_ENV = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 
 
-def init_ray(address: str | None, want_cpus: float):
+def init_ray(address: str | None, want_cpus: float, verbose: bool = True):
     """Join `address` (ray://host:10001, auto, or $RAY_ADDRESS when not given), or start a local instance
     sized so Train workers and the data pipeline both fit. Logical CPUs are over-subscribed a little on small
     machines: the OS shares the cores, and Ray would otherwise leave no slot for the decode tasks."""
@@ -104,7 +94,7 @@ def init_ray(address: str | None, want_cpus: float):
         return
     address = address or os.environ.get("RAY_ADDRESS")  # set for drivers started by `ray job submit`
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
+        ray.init(address=address, log_to_driver=verbose, runtime_env=RUNTIME_ENV)
         return
     cores = os.cpu_count() or 1
     num_cpus = max(cores, int(want_cpus + 0.999) + 1)
@@ -113,11 +103,11 @@ def init_ray(address: str | None, want_cpus: float):
               f"machine: they will take turns on the cores, which is slower than asking for fewer")
     # the dashboard listens on 127.0.0.1 only; Train V2's placement-group cleaner queries its state API
     # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env=RUNTIME_ENV)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=verbose,
+             runtime_env=RUNTIME_ENV)
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-LOCK_FILE = ".sslab-run.lock"
 
 
 def run_name(spec: RunSpec, name: str | None) -> str:
@@ -130,68 +120,27 @@ def run_name(spec: RunSpec, name: str | None) -> str:
     return name
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str):
-    """One `train` per run directory at a time: a lock file holding the owner's pid and host, removed at the end.
-    A lock whose owner is gone (same host, no such process) is taken over with a message. URI storage holds no
-    lock (object stores have no exclusive create)."""
-    if "://" in run_dir:
-        yield
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    path, host = os.path.join(run_dir, LOCK_FILE), socket.gethostname()
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    owner = json.load(f)
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
-                raise ConfigError(f"run {run_dir} is in use by pid {owner.get('pid', '?')} on "
-                                  f"{owner.get('host', '?')} since {time.ctime(owner.get('since', 0))}: wait for "
-                                  f"it, or pick another --name (if that process is gone, delete {path})") from None
-            print(f"[sslab] taking over {path}: its owner, pid {owner.get('pid')} on this host, is gone")
-            os.remove(path)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": host, "since": time.time()}, f)
-    try:
-        yield
-    finally:
-        os.remove(path)
-
-
 def train_worker(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`: the loop in the Ray context, with the standard callbacks and the
     caller's. `config` is what `train` puts in `train_loop_config`."""
     spec = RunSpec.from_dict(config["spec"])
-    context = RayContext(config["run_dir"], config["start_from"], config["bad_rows"])
+    context = RayContext(config["run_dir"], config["start_from"], config["bad_rows"], config.get("messages", ""))
     callbacks = default_callbacks(config["log_dir"]) + list(config["callbacks"])
     Trainer(spec, context, callbacks, stop_after_epoch=config["stop_after_epoch"]).run()
 
 
 def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None, address: str | None = None,
-          callbacks: list | None = None, worker_callbacks=(), stop_after_epoch: int = 0, start_from: str = ""):
+          callbacks: list | None = None, worker_callbacks=(), stop_after_epoch: int = 0, start_from: str = "",
+          verbose: bool = False):
     """Run (or resume, when `name` exists under `storage`) a training run; returns Ray Train's Result.
 
     `callbacks`: Ray Train callbacks (they run in Train's controller, e.g. Tune's report callback);
     `worker_callbacks`: loop callbacks (callbacks.Callback) run in every worker after the standard ones;
     `stop_after_epoch`: end after that epoch while the schedules still span engine.epochs (PBT's segments);
     `start_from`: a run with no checkpoint of its own starts from this checkpoint directory (path or URI) --
-    weights, optimizer, recipe state, epoch (PBT's exploit).
+    weights, optimizer, recipe state, epoch (PBT's exploit);
+    `verbose`: show Ray's own output (workers' output, the driver's warnings and logs); otherwise only sslab's lines
+    and progress are shown and Ray's driver output goes to RUN_DIR/ray.log (console.py).
 
     Before Ray starts: the name is checked, the run directory locked against a second `train` of the same name,
     and an existing run's newest usable checkpoint must fit the recipe this spec builds."""
@@ -205,26 +154,47 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
     verify_data(spec, manifest)
     with run_lock(run_dir):
         resumes = check_resumable(run_dir, spec)
-        init_ray(address, placement.workers * placement.cpus_per_worker + spec.data.cpus_per_task)
-        if not spec.engine.workers:
-            res = ray.cluster_resources()
-            placement = plan_workers(spec, res.get("CPU"), res.get("GPU"))
-            validate(spec, placement.workers)
-        log_dir = run_dir + "/tensorboard"  # a URI too: rank 0 writes locally and uploads every epoch
-        print(f"[sslab] run {name}: {spec.recipe_name} on {manifest.count('train')} images, "
-              f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
-              f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
-        print(f"[sslab] checkpoints and metrics: {run_dir}" + (f" (resuming from {resumes})" if resumes else ""))
-        print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
-        bad_rows = f"sslab-bad-rows-{uuid.uuid4().hex[:12]}"
-        log = start_bad_rows(bad_rows)
-        config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir, "callbacks": list(worker_callbacks),
-                  "stop_after_epoch": stop_after_epoch, "start_from": start_from, "bad_rows": bad_rows}
-        try:
-            return torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
-        finally:
-            report_bad_rows(log, manifest)
-            ray.kill(log)
+        ray_log = (os.path.join(run_dir, "ray.log") if "://" not in run_dir
+                   else os.path.join(tempfile.gettempdir(), f"sslab-{name}-ray.log"))
+        if not verbose:
+            print(f"[sslab] Ray's own messages: {ray_log} (--verbose shows them here)")
+        with quiet_stderr(ray_log, enabled=not verbose):
+            init_ray(address, placement.workers * placement.cpus_per_worker + spec.data.cpus_per_task, verbose)
+            if not spec.engine.workers:
+                res = ray.cluster_resources()
+                placement = plan_workers(spec, res.get("CPU"), res.get("GPU"))
+                validate(spec, placement.workers)
+            log_dir = run_dir + "/tensorboard"  # a URI too: rank 0 writes locally and uploads every epoch
+            n = manifest.count("train")
+            used = f"{spec.data.limit} of {n}" if spec.data.limit and spec.data.limit < n else f"{n}"
+            print(f"[sslab] run {name}: {spec.recipe_name} on {used} images, "
+                  f"{placement.workers} worker(s) x {placement.cpus_per_worker} CPU"
+                  f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
+            print(f"[sslab] checkpoints and metrics: {run_dir}" + (f" (resuming from {resumes})" if resumes else ""))
+            print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
+            bad_rows = f"sslab-bad-rows-{uuid.uuid4().hex[:12]}"
+            log = start_bad_rows(bad_rows)
+            started = time.time()
+            write_record(run_dir, recipe=spec.recipe_name, epochs=spec.engine.epochs, status="running", reason="",
+                         started=started, ended=None)
+            outcome = {"status": "interrupted", "reason": "stopped by the user or a signal"}
+            try:
+                with driver_console() as messages:
+                    config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir,
+                              "callbacks": list(worker_callbacks), "stop_after_epoch": stop_after_epoch,
+                              "start_from": start_from, "bad_rows": bad_rows, "messages": messages}
+                    result = torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
+                outcome = ended(result.error)
+                return result
+            except Exception as e:
+                outcome = ended(e)
+                raise
+            finally:
+                now = time.time()   # wall time adds up over the resumes of a run
+                write_record(run_dir, **outcome, ended=now,
+                             wall_s=read_record(run_dir).get("wall_s", 0) + now - started)
+                report_bad_rows(log, manifest)
+                ray.kill(log)
 
 
 def report_bad_rows(log, manifest) -> None:

@@ -132,7 +132,7 @@ class Trainer:
     def log(self, line: str) -> None:
         """sslab's own console lines: rank 0 prints them."""
         if self.ctx.rank == 0:
-            print(line, flush=True)
+            self.ctx.log(line)
 
     def request_stop(self, what: str, value: str) -> None:
         """Called by a guard during `on_epoch_end`: the epoch is reported, not checkpointed, and the run stops."""

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from sslab.cli import main
-from sslab.platform.launch import LOCK_FILE, run_lock
+from sslab.platform.runs import LOCK_FILE, run_lock
 from tests.platform.test_eval import make_checkpoint
 
 

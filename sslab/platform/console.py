@@ -1,0 +1,170 @@
+"""What a person sees while a run trains: sslab's own lines and one progress bar per epoch, printed by the driver.
+
+Rank 0's loop sends its lines and progress to a small `Messages` actor; a thread in the driver takes them every
+half second and prints them: a tqdm bar on a terminal, plain lines every engine.log_every steps otherwise (a pipe,
+a log file, `ray job submit`). Workers' own output is not forwarded and the driver's stderr (Ray's warnings, its C++
+log lines, its tracebacks about internal actors) goes to RUN_DIR/ray.log, unless `--verbose`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+import uuid
+
+
+class Messages:
+    """A Ray actor holding the events of a run until the driver takes them: ("line", text) or ("progress", dict)."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def put(self, item) -> None:
+        self.items.append(item)
+
+    def take(self) -> list:
+        items, self.items = self.items, []
+        return items
+
+
+def eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class View:
+    """Prints lines and progress events. `progress` dicts hold epoch, epochs, step, steps, loss, lr, rate
+    (images/s) and log_every."""
+
+    def __init__(self, out=None, tty: bool | None = None):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.bar = None
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def progress(self, p: dict) -> None:
+        left = (p["steps"] - p["step"]) * p["batch"] / max(p["rate"], 1e-9)
+        if not self.tty:
+            if p["step"] % p["log_every"] == 0 or p["step"] == p["steps"]:
+                self.line(f"[sslab] epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['steps']} "
+                          f"loss {p['loss']:.4f} lr {p['lr']:.4g} {p['rate']:.0f} img/s, epoch ETA {eta(left)}")
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.desc != f"epoch {p['epoch']}/{p['epochs']}":
+            self.close_bar()
+            self.bar = tqdm(total=p["steps"], desc=f"epoch {p['epoch']}/{p['epochs']}", file=self.out,
+                            unit="step", dynamic_ncols=True, leave=False)
+        self.bar.set_postfix_str(f"loss {p['loss']:.4f} lr {p['lr']:.3g} {p['rate']:.0f} img/s", refresh=False)
+        self.bar.update(p["step"] - self.bar.n)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def show(self, items: list) -> None:
+        for kind, value in items:
+            if kind == "line":
+                if " done:" in value:       # an epoch's summary ends its bar
+                    self.close_bar()
+                self.line(value)
+            else:
+                self.progress(value)
+
+
+@contextlib.contextmanager
+def quiet_stderr(path: str, enabled: bool):
+    """Send this process's error output to `path` while the run trains: file descriptor 2 (Ray's C++ log lines),
+    `sys.stderr` (warnings) and the streams of Ray's Python loggers (they keep the stderr object they were created
+    with, which in a notebook or under pytest is not descriptor 2). sslab's own lines go to stdout."""
+    if not enabled:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a", buffering=1) as f:
+        os.dup2(f.fileno(), 2)
+        handlers = _ray_stream_handlers()
+        streams = [h.stream for h in handlers]
+        for h in handlers:
+            h.setStream(f)
+        try:
+            with contextlib.redirect_stderr(f):
+                yield
+        finally:
+            for h, stream in zip(handlers, streams):
+                h.setStream(stream)
+            for h in _ray_stream_handlers():     # made during the run, on the redirected stderr
+                if h.stream is f:
+                    h.setStream(sys.stderr)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _ray_stream_handlers() -> list:
+    """The console handlers of Ray's own loggers (Ray's handler classes only: not a notebook's or a test's)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "ray" or name.startswith("ray.")]
+    return list({id(h): h for lg in loggers for h in lg.handlers
+                 if isinstance(h, logging.StreamHandler) and type(h).__module__.startswith("ray")}.values())
+
+
+@contextlib.contextmanager
+def driver_console(view: View | None = None, every: float = 0.5):
+    """Start the run's `Messages` actor on this (the driver's) node and a thread printing what it receives; yields
+    the actor's name for the workers. Whatever is left is printed when the run ends."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    view = view or View()
+    name = f"sslab-messages-{uuid.uuid4().hex[:12]}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0)(Messages).options(name=name, scheduling_strategy=here).remote()
+    done = threading.Event()
+
+    def pump():
+        while not done.wait(every):
+            view.show(ray.get(actor.take.remote()))
+
+    thread = threading.Thread(target=pump, name="sslab-console", daemon=True)
+    thread.start()
+    try:
+        yield name
+    finally:
+        done.set()
+        thread.join()
+        view.show(ray.get(actor.take.remote()))
+        view.close_bar()
+        ray.kill(actor)
+
+
+class Sender:
+    """The worker's end: rank 0 sends lines and (at most every `every` seconds, and at log_every steps) progress
+    to the `Messages` actor named `name`, without waiting for it."""
+
+    def __init__(self, name: str, every: float = 0.5):
+        import ray
+
+        self.actor, self.every, self.last = ray.get_actor(name), every, 0.0
+
+    def line(self, text: str) -> None:
+        self.actor.put.remote(("line", text))
+
+    def progress(self, p: dict) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every or p["step"] % p["log_every"] == 0 or p["step"] == p["steps"]:
+            self.last = now
+            self.actor.put.remote(("progress", p))
