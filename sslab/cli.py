@@ -7,15 +7,17 @@ import json
 import sys
 
 from .config import ConfigError, parse_overrides
+from .datasets.cache import DATA_HELP, add_data_arguments, resolve_data_argument
 
 # modules adding their own sub-commands: each defines add_commands(subparsers), registering parsers whose
 # `fn` default is called with the parsed args (see the train parser below for the shape)
-EXTENSIONS: list[str] = ["sslab.platform.eval_cli", "sslab.tuning.cli", "sslab.bench.cli"]
+EXTENSIONS: list[str] = ["sslab.platform.eval_cli", "sslab.platform.runs", "sslab.platform.embed", "sslab.tuning.cli",
+                         "sslab.bench.cli"]
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a registered recipe (see `sslab recipes`)")
-    p.add_argument("--data", help="directory made by `sslab data prepare` (sets data.path)")
+    add_data_arguments(p, DATA_HELP + " (sets data.path)")
     p.add_argument("--preset", help="YAML preset: a file, or a built-in name (e.g. demo)")
     p.add_argument("--epochs", type=int, help="sets engine.epochs")
     p.add_argument("--batch-size", type=int, help="global batch; sets engine.batch_size")
@@ -25,10 +27,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. recipe.temperature=0.2 data.strength=0.5")
 
 
-def _spec_from_args(args):
+def _spec_from_args(args, resolve_data: bool = True):
+    """The run's spec from the flags; `resolve_data` turns a raw image folder given as --data into its prepared
+    copy first (training needs it; `sslab config` only shows the path)."""
     from .platform.spec import make_spec
 
     overrides = parse_overrides(args.overrides)
+    if resolve_data:
+        resolve_data_argument(args)
     for flag, key in (("data", "data.path"), ("epochs", "engine.epochs"), ("batch_size", "engine.batch_size"),
                       ("workers", "engine.workers")):
         if getattr(args, flag, None) is not None:
@@ -52,7 +58,7 @@ def cmd_config(args) -> int:
     from .platform.spec import SECTIONS
     from .recipes import registry
 
-    spec = _spec_from_args(args)
+    spec = _spec_from_args(args, resolve_data=False)
     helps = {f"{s}.{n}": h for s, cls in (SECTIONS | {"recipe": registry.get(args.recipe).config}).items()
              for n, _, h in describe(cls)}
     for key, value in spec.flat().items():
@@ -66,7 +72,7 @@ def cmd_train(args) -> int:
 
     spec = _spec_from_args(args)
     try:
-        result = train(spec, name=args.name, storage=args.storage, address=args.address)
+        result = train(spec, name=args.name, storage=args.storage, address=args.address, verbose=args.verbose)
     except (ConfigError, FileNotFoundError, FileExistsError):
         raise  # found before any cluster time was spent: main() prints them as usage errors
     except Exception as e:  # Ray Train's worker-group failure: its message carries the workers' tracebacks
@@ -111,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="run name; re-using one resumes it from its latest checkpoint")
     s.add_argument("--storage", help="where runs live: a path or a URI (default ./runs or $SSLAB_STORAGE)")
     s.add_argument("--address", help="join a Ray cluster (auto or ray://host:10001) instead of a local instance")
+    s.add_argument("--verbose", action="store_true", help="show Ray's own output too (by default it goes to "
+                   "RUN_DIR/ray.log and only sslab's lines and progress are shown)")
     s.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("data", help="prepare and inspect datasets").add_subparsers(dest="data_cmd", required=True)
@@ -123,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the IDX files' directory, default: found or downloaded)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--root", help="the same as SRC (kept for fashion-mnist)")
-    s.add_argument("--size", type=int, help="folder: images resized and centre-cropped to SIZE px (default 64)")
-    s.add_argument("--channels", type=int, choices=[1, 3], help="folder: 1 (grey) or 3 (RGB) (default 3)")
+    s.add_argument("--size", type=int, help="folder: images resized on their shorter side and centre-cropped to "
+                   "SIZE px (default: inferred, the median shorter side rounded to a multiple of 8, at most 224)")
+    s.add_argument("--channels", type=int, choices=[1, 3], help="folder: 1 (grey) or 3 (RGB) (default: inferred, "
+                   "1 when every sampled image is grey)")
     s.add_argument("--test-fraction", type=float,
                    help="folder without train/ and test/ sub-folders: share held out for evaluation (default 0.1)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")

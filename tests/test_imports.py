@@ -11,8 +11,9 @@ import sslab
 
 ROOT = Path(sslab.__file__).parent
 # a part's layer; a part may import its own modules and parts of lower layers only (same layer: not each other)
-LAYERS = {"config": 0, "dist": 0, "schedules": 0, "registry": 1, "datasets": 2, "recipes": 3, "evaluation": 3,
-          "platform": 4, "tuning": 5, "bench": 5, "cli": 6}
+LAYERS = {"config": 0, "dist": 0, "schedules": 0, "plots": 0, "registry": 1, "datasets": 2, "recipes": 3,
+          "evaluation": 3, "platform": 4, "tuning": 5, "bench": 5, "api": 5, "cli": 6,
+          "sslab": 7}   # the package root: `sslab.train` etc., loaded lazily from api
 
 
 def module_files() -> dict[str, Path]:

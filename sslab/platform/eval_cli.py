@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..config import ConfigError
+from ..datasets.cache import DATA_HELP, add_data_arguments, resolve_data_argument
 
 
 def add_commands(sub) -> None:
@@ -13,7 +14,7 @@ def add_commands(sub) -> None:
     s = sub.add_parser("eval", help="evaluate a checkpoint: kNN, linear probe, fine-tuning; export; projector")
     s.add_argument("checkpoint", nargs="?", help="a checkpoint directory (holds state.pt) or a run directory "
                    "(its latest checkpoint_*)")
-    s.add_argument("--data", help="evaluation data made by `sslab data prepare` (default: the run's own)")
+    add_data_arguments(s, "evaluation data: " + DATA_HELP + " (default: the run's own)")
     s.add_argument("--protocol", nargs="+", choices=PROTOCOLS.names(),
                    help="what to run (default knn and diagnostics, unless only --export/--projector is asked for): " +
                    "; ".join(f"{n}: {PROTOCOLS.get(n).__doc__.strip().splitlines()[0]}" for n in PROTOCOLS.names()))
@@ -40,6 +41,7 @@ def cmd_eval(args) -> int:
     from .evaluate_runs import evaluate_checkpoint, results_table
     from .export import export
 
+    resolve_data_argument(args)
     if args.table:
         print(results_table(args.table, args.data, args.labels, out=args.out, train_limit=args.train_limit,
                             test_limit=args.test_limit, finetune_epochs=args.epochs, device=args.device,

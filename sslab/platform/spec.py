@@ -3,7 +3,7 @@ paper settings, a preset and dotted overrides, in that order."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -85,12 +85,23 @@ class RunSpec:
         return {f"{s}.{k}": v for s in ("engine", "model", "data", "recipe") for k, v in d[s].items()}
 
 
+def recipe_knobs(recipe_name: str) -> dict[str, set[str]]:
+    """Every settable key of a recipe's run, {section: field names}; an unknown recipe is a ConfigError."""
+    config = registry.get(recipe_name).config
+    return {s: {f.name for f in fields(c)} for s, c in (SECTIONS | {"recipe": config}).items()}
+
+
+def preset_overrides(preset: str, recipe_name: str) -> dict[str, Any]:
+    """A preset's flat keys for `recipe_name` (its per-recipe entry merged in), every key checked."""
+    return load_preset(preset, recipe_name, recipe_knobs)
+
+
 def make_spec(recipe_name: str, overrides: dict[str, Any] | None = None, preset: str | None = None) -> RunSpec:
     """Resolve a run's config; every key is checked, and a bad one fails naming the valid choices."""
     info = registry.get(recipe_name)
     flat: dict[str, Any] = {(k if "." in k else f"engine.{k}"): v for k, v in info.engine.items()}
     if preset:
-        flat.update(load_preset(preset))
+        flat.update(preset_overrides(preset, recipe_name))
     flat.update(overrides or {})
     path = str(flat.get("data.path", ""))
     if path and "://" not in path:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import ConfigError, load_preset, parse_overrides
+from ..config import ConfigError, parse_overrides
+from ..datasets.cache import DATA_HELP, add_data_arguments, resolve_data_argument
 
 EPILOG = """\
 search space (--space, comma separated, may repeat; or a YAML file):
@@ -42,7 +43,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("tune", help="sweep a recipe's knobs with Ray Tune (ASHA / PBT), scored by kNN top-1",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a registered recipe (see `sslab recipes`)")
-    p.add_argument("--data", help="directory made by `sslab data prepare` (sets data.path)")
+    add_data_arguments(p, DATA_HELP + " (sets data.path)")
     p.add_argument("--space", action="append", default=[], metavar="SPEC",
                    help="what to tune: named spaces and KEY=DIST:VALUES ranges (see below)")
     p.add_argument("--samples", type=int, default=0,
@@ -72,10 +73,11 @@ def add_commands(sub) -> None:
 
 
 def base_overrides(args) -> dict:
-    from ..platform.spec import make_spec
+    from ..platform.spec import make_spec, preset_overrides
 
-    base = load_preset(args.preset) if args.preset else {}
+    base = preset_overrides(args.preset, args.recipe) if args.preset else {}
     base.update(parse_overrides(args.overrides))
+    resolve_data_argument(args)
     for flag, key in (("data", "data.path"), ("epochs", "engine.epochs"), ("batch_size", "engine.batch_size"),
                       ("workers_per_trial", "engine.workers")):
         if getattr(args, flag, None) is not None:
@@ -90,7 +92,7 @@ def base_overrides(args) -> dict:
 
 def sweep_from_args(args):
     """A new sweep from the flags, or the stored one when --name / --resume points at an existing sweep."""
-    from ..platform.launch import resolve_storage
+    from ..platform.runs import resolve_storage
     from .runner import DEFINITION, Sweep, default_name, latest_sweep
     from .spaces import parse_space, resolve
 
