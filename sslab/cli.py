@@ -28,20 +28,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec_from_args(args, resolve_data: bool = True):
-    """The run's spec from the flags; `resolve_data` turns a raw image folder given as --data into its prepared
-    copy first (training needs it; `sslab config` only shows the path)."""
+    """The run's spec from the flags, every key checked first; then, with `resolve_data`, a raw image folder given
+    as --data is replaced by its prepared copy (training needs it; `sslab config` only shows the path)."""
     from .platform.spec import make_spec
 
     overrides = parse_overrides(args.overrides)
-    if resolve_data:
-        resolve_data_argument(args)
     for flag, key in (("data", "data.path"), ("epochs", "engine.epochs"), ("batch_size", "engine.batch_size"),
                       ("workers", "engine.workers")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     if getattr(args, "gpu", False):
         overrides["engine.use_gpu"] = True
-    return make_spec(args.recipe, overrides, args.preset)
+    spec = make_spec(args.recipe, overrides, args.preset)
+    if resolve_data and args.data:
+        resolve_data_argument(args)
+        spec = make_spec(args.recipe, overrides | {"data.path": args.data}, args.preset)
+    return spec
 
 
 def cmd_recipes(args) -> int:

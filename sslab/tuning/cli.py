@@ -77,7 +77,6 @@ def base_overrides(args) -> dict:
 
     base = preset_overrides(args.preset, args.recipe) if args.preset else {}
     base.update(parse_overrides(args.overrides))
-    resolve_data_argument(args)
     for flag, key in (("data", "data.path"), ("epochs", "engine.epochs"), ("batch_size", "engine.batch_size"),
                       ("workers_per_trial", "engine.workers")):
         if getattr(args, flag, None) is not None:
@@ -86,6 +85,10 @@ def base_overrides(args) -> dict:
         base["engine.use_gpu"] = True
     base.setdefault("engine.workers", 1)
     # typed and checked now (an unknown key fails here); data.path made absolute: trials run elsewhere
+    make_spec(args.recipe, base)
+    if args.data:                                      # then a raw image folder becomes its prepared copy
+        resolve_data_argument(args)
+        base["data.path"] = args.data
     flat = make_spec(args.recipe, base).flat()
     return {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in base}
 
