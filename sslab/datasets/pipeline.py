@@ -82,14 +82,16 @@ class BadRows:
         return sorted(self.rows.items())[:n]
 
 
-def start_bad_rows(name: str):
-    """The run's `BadRows` actor under `name`, on the driver's node (the one that lives as long as the run), with no
-    CPU reserved: it only counts."""
+def start_bad_rows(name: str, cls: type = BadRows):
+    """The run's `BadRows` actor (or a subclass of it doing more for the run) under `name`, with no CPU reserved (it
+    only counts), on the head node: the one node a run cannot lose (the driver's own node where no head is known)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0)(BadRows).options(name=name, scheduling_strategy=here).remote()
+    heads = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    node = heads[0] if heads else ray.get_runtime_context().get_node_id()
+    where = NodeAffinitySchedulingStrategy(node, soft=True)
+    return ray.remote(num_cpus=0)(cls).options(name=name, scheduling_strategy=where).remote()
 
 
 def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):

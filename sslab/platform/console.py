@@ -1,6 +1,6 @@
 """What a person sees while a run trains: sslab's own lines and one progress bar per epoch, printed by the driver.
 
-Rank 0's loop sends its lines and progress to a small `Messages` actor; a thread in the driver takes them every
+Rank 0's loop sends its lines and progress to the run's small `RunLog` actor; a thread in the driver takes them every
 half second and prints them: a tqdm bar on a terminal, plain lines every engine.log_every steps otherwise (a pipe,
 a log file, `ray job submit`). Workers' own output is not forwarded and the driver's stderr (Ray's warnings, its C++
 log lines, its tracebacks about internal actors) goes to RUN_DIR/ray.log, unless `--verbose`.
@@ -12,13 +12,16 @@ import os
 import sys
 import threading
 import time
-import uuid
+
+from ..datasets.pipeline import BadRows
 
 
-class Messages:
-    """A Ray actor holding the events of a run until the driver takes them: ("line", text) or ("progress", dict)."""
+class RunLog(BadRows):
+    """The run's one small actor: the training rows the stream skipped (`BadRows`), and the events of rank 0 until
+    the driver takes them: ("line", text) or ("progress", dict)."""
 
     def __init__(self):
+        super().__init__()
         self.items: list = []
 
     def put(self, item) -> None:
@@ -123,37 +126,40 @@ def _ray_stream_handlers() -> list:
 
 
 @contextlib.contextmanager
-def driver_console(view: View | None = None, every: float = 0.5):
-    """Start the run's `Messages` actor on this (the driver's) node and a thread printing what it receives; yields
-    the actor's name for the workers. Whatever is left is printed when the run ends."""
+def driver_console(actor, view: View | None = None, every: float = 0.5):
+    """A thread printing what the run's `RunLog` actor receives, every `every` seconds while the run trains;
+    whatever is left is printed when it ends."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     view = view or View()
-    name = f"sslab-messages-{uuid.uuid4().hex[:12]}"
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(num_cpus=0)(Messages).options(name=name, scheduling_strategy=here).remote()
     done = threading.Event()
 
-    def pump():
-        while not done.wait(every):
+    def take() -> bool:
+        try:
             view.show(ray.get(actor.take.remote()))
+            return True
+        except ray.exceptions.RayActorError as e:   # its node lost: training goes on, its console lines do not
+            view.line(f"[sslab] the run's console messages stopped: {str(e).strip().splitlines()[0]}")
+            return False
+
+    def pump():
+        while not done.wait(every) and take():
+            pass
 
     thread = threading.Thread(target=pump, name="sslab-console", daemon=True)
     thread.start()
     try:
-        yield name
+        yield
     finally:
         done.set()
         thread.join()
-        view.show(ray.get(actor.take.remote()))
+        take()
         view.close_bar()
-        ray.kill(actor)
 
 
 class Sender:
     """The worker's end: rank 0 sends lines and (at most every `every` seconds, and at log_every steps) progress
-    to the `Messages` actor named `name`, without waiting for it."""
+    to the `RunLog` actor named `name`, without waiting for it."""
 
     def __init__(self, name: str, every: float = 0.5):
         import ray

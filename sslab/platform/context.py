@@ -26,8 +26,9 @@ from .checkpoint import checkpoints, newest_usable
 from .console import Sender, View
 
 
-def _say(rank: int):
-    return (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
+def _say(context):
+    """Rank 0's lines go to the console (the driver's, for a Ray run); other ranks stay quiet."""
+    return context.log if context.rank == 0 else (lambda line: None)
 
 
 class RayContext:
@@ -35,16 +36,16 @@ class RayContext:
     `ray.train.get_checkpoint()` (a restart or a re-run of the same name), else from `start_from` (a new run
     branching off another run's checkpoint: PBT's exploit)."""
 
-    def __init__(self, run_dir: str = "", start_from: str = "", bad_rows: str = "", messages: str = ""):
+    def __init__(self, run_dir: str = "", start_from: str = "", run_log: str = ""):
         import ray.train
         import ray.train.torch
 
         self.device = ray.train.torch.get_device()
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        self.run_dir, self.start_from, self._bad_rows = run_dir, start_from, bad_rows
+        self.run_dir, self.start_from, self._run_log = run_dir, start_from, run_log
         self._shard = ray.train.get_dataset_shard("train")
         # rank 0's lines and progress go to the driver's console (console.py); without one, to this worker's stdout
-        self._sender = Sender(messages) if messages and self.rank == 0 else None
+        self._sender = Sender(run_log) if run_log and self.rank == 0 else None
         self._view = View(tty=False)
 
     def log(self, line: str) -> None:
@@ -63,7 +64,7 @@ class RayContext:
         """Training rows the stream has skipped so far because they would not decode (counted once each)."""
         import ray
 
-        return ray.get(ray.get_actor(self._bad_rows).count.remote()) if self._bad_rows else 0
+        return ray.get(ray.get_actor(self._run_log).count.remote()) if self._run_log else 0
 
     def batches(self, size: int) -> Iterator[dict]:
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
@@ -91,7 +92,7 @@ class RayContext:
             candidates = [ckpt] + self._older(ckpt)
         else:
             candidates = [ray.train.Checkpoint(self.start_from)] if self.start_from else []
-        with newest_usable(((c.path, c.as_directory) for c in candidates), _say(self.rank)) as found:
+        with newest_usable(((c.path, c.as_directory) for c in candidates), _say(self)) as found:
             yield found
 
     @staticmethod
@@ -146,7 +147,7 @@ class LocalContext:
     def restore(self) -> Iterator[tuple[str | None, str | None]]:
         found = checkpoints(self.run_dir)[::-1] if self.run_dir and os.path.isdir(self.run_dir) else []
         found = found or ([self.start_from] if self.start_from else [])
-        with newest_usable(((d, lambda d=d: contextlib.nullcontext(d)) for d in found), _say(self.rank)) as usable:
+        with newest_usable(((d, lambda d=d: contextlib.nullcontext(d)) for d in found), _say(self)) as usable:
             yield usable
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> str | None:

@@ -15,7 +15,7 @@ from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
 from .checkpoint import check_resumable
-from .console import driver_console, quiet_stderr
+from .console import RunLog, driver_console, quiet_stderr
 from .context import RayContext
 from .loop import Trainer
 from .runs import ended, read_record, resolve_storage, run_lock, write_record
@@ -124,7 +124,7 @@ def train_worker(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`: the loop in the Ray context, with the standard callbacks and the
     caller's. `config` is what `train` puts in `train_loop_config`."""
     spec = RunSpec.from_dict(config["spec"])
-    context = RayContext(config["run_dir"], config["start_from"], config["bad_rows"], config.get("messages", ""))
+    context = RayContext(config["run_dir"], config["start_from"], config["run_log"])
     callbacks = default_callbacks(config["log_dir"]) + list(config["callbacks"])
     Trainer(spec, context, callbacks, stop_after_epoch=config["stop_after_epoch"]).run()
 
@@ -172,17 +172,17 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
                   f"{' + 1 GPU' if placement.use_gpu else ''}, global batch {spec.engine.batch_size}")
             print(f"[sslab] checkpoints and metrics: {run_dir}" + (f" (resuming from {resumes})" if resumes else ""))
             print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
-            bad_rows = f"sslab-bad-rows-{uuid.uuid4().hex[:12]}"
-            log = start_bad_rows(bad_rows)
+            run_log = f"sslab-run-{uuid.uuid4().hex[:12]}"     # skipped rows and console messages
+            log = start_bad_rows(run_log, RunLog)
             started = time.time()
             write_record(run_dir, recipe=spec.recipe_name, epochs=spec.engine.epochs, status="running", reason="",
                          started=started, ended=None)
             outcome = {"status": "interrupted", "reason": "stopped by the user or a signal"}
             try:
-                with driver_console() as messages:
+                with driver_console(log):
                     config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir,
                               "callbacks": list(worker_callbacks), "stop_after_epoch": stop_after_epoch,
-                              "start_from": start_from, "bad_rows": bad_rows, "messages": messages}
+                              "start_from": start_from, "run_log": run_log}
                     result = torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
                 outcome = ended(result.error)
                 return result
@@ -228,6 +228,6 @@ def torch_trainer(spec: RunSpec, name: str, storage: str, placement: Placement, 
         run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.engine.checkpoint_keep),
                              failure_config=FailureConfig(max_failures=spec.engine.max_failures)),
-        datasets={"train": train_dataset(spec.data, manifest, viewset, config["bad_rows"])},
+        datasets={"train": train_dataset(spec.data, manifest, viewset, config["run_log"])},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
