@@ -435,10 +435,11 @@ def decode_readable(pngs: Sequence[bytes], channels: int, size: tuple[int, int]
     return out[:len(keep)], keep, bad
 
 
-def load_split(data_dir: Union[str, Path], split: str, limit: Optional[int] = None
+def load_split(data_dir: Union[str, Path], split: str, limit: Optional[int] = None, skip_bad: bool = False
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A whole split in memory (for kNN / linear probes): images uint8 N x C x H x W, labels int64 N (-1 when
-    unknown), index int64 N. `limit` keeps the first `limit` rows in file order (deterministic)."""
+    unknown), index int64 N. `limit` keeps the first `limit` rows in file order (deterministic). An unreadable
+    image is an error naming its file and row, or with `skip_bad` its row is left out (fewer than `limit` rows)."""
     m = read_manifest(data_dir)
     n = m.count(split) if limit is None else min(int(limit), m.count(split))
     images = np.empty((n, m.channels, *m.image_size), np.uint8)
@@ -453,14 +454,15 @@ def load_split(data_dir: Union[str, Path], split: str, limit: Optional[int] = No
             if take <= 0:
                 break
             batch = batch.slice(0, take)
-            decoded, _, bad = decode_readable(batch.column("image").to_pylist(), m.channels, m.image_size)
-            if bad:
+            decoded, keep, bad = decode_readable(batch.column("image").to_pylist(), m.channels, m.image_size)
+            if bad and not skip_bad:
                 raise ValueError(f"{path}: row with index {batch.column('index')[bad[0][0]]} is not a readable "
                                  f"{m.image_size[0]}x{m.image_size[1]} image ({bad[0][1]})")
-            images[at:at + take] = decoded
-            labels[at:at + take] = batch.column("label").fill_null(-1).to_numpy()
-            index[at:at + take] = batch.column("index").to_numpy()
-            at += take
+            got = len(keep)
+            images[at:at + got] = decoded
+            labels[at:at + got] = batch.column("label").fill_null(-1).to_numpy()[keep]
+            index[at:at + got] = batch.column("index").to_numpy()[keep]
+            at, n = at + got, n - (take - got)
     if at != n:
         raise ValueError(f"{m.root}: split {split!r} has {at} rows in its files, manifest says {n}")
-    return images, labels, index
+    return images[:n], labels[:n], index[:n]

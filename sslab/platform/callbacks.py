@@ -87,7 +87,7 @@ class RepresentationMonitor(Callback):
         if n:
             from ..datasets.shards import load_split
 
-            images = torch.from_numpy(load_split(trainer.spec.data.path, "train", n)[0])
+            images = torch.from_numpy(load_split(trainer.spec.data.path, "train", n, skip_bad=True)[0])
             if len(images) >= 2:
                 self.images = images
                 self.views = sample_views(images, trainer.image_size, trainer.spec.engine.seed)

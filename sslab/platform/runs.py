@@ -112,6 +112,7 @@ def read_record(run_dir: str) -> dict:
 
 def append_history(run_dir: str, metrics: dict) -> None:
     if run_dir and "://" not in run_dir:
+        os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, HISTORY), "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
