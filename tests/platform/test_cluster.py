@@ -97,7 +97,11 @@ def _make_targets(makefile: str) -> tuple[set[str], dict[str, str]]:
 
 
 def test_setup_uses_only_files_that_exist(cluster_cfg):
-    mounts = cluster_cfg["file_mounts"]
+    mounts = dict(cluster_cfg["file_mounts"])
+    # Ray's token: the same file on every node as on the machine that runs `ray up` (not a repo file)
+    assert mounts.pop("~/.ray/auth_token") == "~/.ray/auth_token"
+    starts = cluster_cfg["head_start_ray_commands"] + cluster_cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
     for remote, local in mounts.items():
         assert remote.startswith(REMOTE + "/"), remote
         assert os.path.exists(os.path.join(ROOT, local)), f"file_mounts: {local} is not in the repo"
