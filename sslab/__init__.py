@@ -4,7 +4,7 @@ The Python API (`sslab.train`, `sslab.load_encoder`, `sslab.embed`) lives in `ss
 use, so `import sslab` stays light."""
 __version__ = "0.1.0"
 
-_API = ("train", "load_encoder", "embed", "Encoder", "TrainResult")
+_API = ("train", "load_encoder", "embed", "Encoder", "TrainResult", "ConfigError")
 
 
 def __getattr__(name):

@@ -49,19 +49,22 @@ def train(recipe: str, data: str | None = None, *, preset: str | None = None, na
           verbose: bool = False, **overrides) -> TrainResult:
     """Pretrain `recipe` on `data` (a folder of images, prepared into a cache on first use, or a dataset made by
     `sslab data prepare`); returns when the run ends. Overrides as in the CLI (see `_overrides`). Errors found
-    before training starts (config, data) raise `ConfigError`; a run that fails or is stopped by a guard returns
-    a result with `error` set."""
+    before training starts raise: `ConfigError` (settings, data that does not fit them), `FileNotFoundError` (no
+    such data). A run stopped by a guard returns a result with `error` set."""
     from .platform.launch import train as launch
-    from .platform.runs import read_history
-    from .platform.spec import make_spec
+    from .platform.runs import read_history, resolve_storage
+    from .platform.spec import make_run_spec
 
     flat = _overrides(overrides)
     if data is not None:
-        flat["data.path"] = resolve_data(os.path.expanduser(data), prepared_dir)
-    result = launch(make_spec(recipe, flat, preset), name=name, storage=storage, address=address, verbose=verbose)
-    run_dir = str(result.path)
-    return TrainResult(dict(result.metrics or {}), run_dir, result.checkpoint.path if result.checkpoint else None,
-                       str(result.error) if result.error else None,
+        flat["data.path"] = os.path.expanduser(data)
+    result = launch(make_run_spec(recipe, flat, preset, prepared_dir), name=name, storage=storage, address=address,
+                    verbose=verbose)
+    # Ray gives paths inside the storage's filesystem: put a URI's scheme back, so they load again
+    root = resolve_storage(storage).rstrip("/")
+    run_dir = f"{root}/{os.path.basename(str(result.path))}" if "://" in root else str(result.path)
+    checkpoint = f"{run_dir}/{os.path.basename(result.checkpoint.path)}" if result.checkpoint else None
+    return TrainResult(dict(result.metrics or {}), run_dir, checkpoint, str(result.error) if result.error else None,
                        read_history(run_dir) if "://" not in run_dir else [])
 
 
@@ -82,7 +85,10 @@ class Encoder(nn.Module):
 
     def preprocess(self, images) -> torch.Tensor:
         """Files or PIL images (resized on their shorter side and centre-cropped, as `sslab data prepare` does),
-        or uint8 [n, C, H, W] / [n, H, W, C] arrays or tensors -> normalised float [n, C, S, S]."""
+        or uint8 [n, C, H, W] / [n, H, W, C] arrays or tensors -> normalised float [n, C, S, S], as `sslab eval`
+        prepares them (`evaluation.knn.make_prepare`)."""
+        from .evaluation.knn import make_prepare
+
         if isinstance(images, (list, tuple)):
             images = np.stack([self._load(im) for im in images]).transpose(0, 3, 1, 2)
         x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
@@ -91,10 +97,7 @@ class Encoder(nn.Module):
                              f"{tuple(x.shape)}")
         if x.shape[1] != self.channels and x.shape[-1] == self.channels:
             x = x.permute(0, 3, 1, 2)
-        x = x.to(self.mean.device).float().div(255).sub(self.mean).div(self.std)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear")
-        return x
+        return make_prepare(self.mean, self.std, self.image_size, self.mean.device)(x)
 
     def _load(self, image) -> np.ndarray:
         from .datasets.sources import load_image
@@ -113,10 +116,13 @@ class Encoder(nn.Module):
         """Features [n, d] (float, on the encoder's device) of `images` (anything `preprocess` takes)."""
         was = self.training
         self.eval()
-        n = len(images)
-        out = [self(self.preprocess(images[i:i + batch_size])) for i in range(0, n, batch_size)]
-        self.train(was)
-        return torch.cat(out) if out else torch.zeros(0)
+        if not len(images):
+            raise ValueError("embed: no images given")
+        try:
+            return torch.cat([self(self.preprocess(images[i:i + batch_size]))
+                              for i in range(0, len(images), batch_size)])
+        finally:
+            self.train(was)
 
 
 def load_encoder(run_or_checkpoint: str, device: str = "cpu") -> Encoder:

@@ -7,7 +7,7 @@ import json
 import sys
 
 from .config import ConfigError, parse_overrides
-from .datasets.cache import DATA_HELP, add_data_arguments, resolve_data_argument
+from .datasets.cache import DATA_HELP, add_data_arguments
 
 # modules adding their own sub-commands: each defines add_commands(subparsers), registering parsers whose
 # `fn` default is called with the parsed args (see the train parser below for the shape)
@@ -30,7 +30,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _spec_from_args(args, resolve_data: bool = True):
     """The run's spec from the flags, every key checked first; then, with `resolve_data`, a raw image folder given
     as --data is replaced by its prepared copy (training needs it; `sslab config` only shows the path)."""
-    from .platform.spec import make_spec
+    from .platform.spec import make_run_spec, make_spec
 
     overrides = parse_overrides(args.overrides)
     for flag, key in (("data", "data.path"), ("epochs", "engine.epochs"), ("batch_size", "engine.batch_size"),
@@ -39,11 +39,9 @@ def _spec_from_args(args, resolve_data: bool = True):
             overrides[key] = getattr(args, flag)
     if getattr(args, "gpu", False):
         overrides["engine.use_gpu"] = True
-    spec = make_spec(args.recipe, overrides, args.preset)
-    if resolve_data and args.data:
-        resolve_data_argument(args)
-        spec = make_spec(args.recipe, overrides | {"data.path": args.data}, args.preset)
-    return spec
+    if resolve_data:
+        return make_run_spec(args.recipe, overrides, args.preset, getattr(args, "prepared_dir", None))
+    return make_spec(args.recipe, overrides, args.preset)
 
 
 def cmd_recipes(args) -> int:

@@ -129,7 +129,7 @@ def bench_train(data_dir: str, *, recipe: str = "simclr", overrides: dict | None
 
     flat = {"data.path": data_dir, "engine.batch_size": batch, "engine.workers": workers,
             "engine.cpus_per_worker": cpus_per_worker, "engine.epochs": epochs, "engine.steps_per_epoch": steps,
-            "engine.knn_every": 0, "engine.collapse_threshold": 0.0, "engine.log_every": max(1, steps // 3),
+            "engine.knn_every": 0, "engine.collapse_threshold": 0.0, "engine.diagnostics": 0, "engine.log_every": max(1, steps // 3),
             "data.limit": steps * batch} | (overrides or {})
     spec = make_spec(recipe, flat)
     threads = max(1, math.floor(cpus_per_worker))   # what Ray gives a Train worker: OMP_NUM_THREADS=floor(CPUs)

@@ -82,7 +82,7 @@ class BadRows:
         return sorted(self.rows.items())[:n]
 
 
-def start_bad_rows(name: str, cls: type = BadRows):
+def start_run_actor(name: str, cls: type = BadRows):
     """The run's `BadRows` actor (or a subclass of it doing more for the run) under `name`, with no CPU reserved (it
     only counts), on the head node: the one node a run cannot lose (the driver's own node where no head is known)."""
     import ray

@@ -36,6 +36,8 @@ def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> float:
 def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
     """log of the mean Gaussian potential exp(-t ||f(x) - f(y)||^2) over all pairs of distinct rows. 0 when every row
     is the same point; more negative = spread more evenly over the sphere."""
+    if len(z) < 2:
+        raise ValueError(f"uniformity needs at least 2 rows, got {len(z)}")
     z = F.normalize(z.double(), dim=1)
     sq = torch.pdist(z).pow(2)                                   # the n(n-1)/2 distinct pairs
     return (torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())).item()

@@ -250,10 +250,16 @@ class History(Callback):
 
     def on_run_end(self, trainer) -> None:
         run_dir = trainer.ctx.run_dir
-        if trainer.ctx.rank == 0 and run_dir and "://" not in run_dir and read_history(run_dir):
+        if trainer.ctx.rank != 0 or not run_dir or "://" in run_dir:
+            return
+        history = read_history(run_dir)
+        if history:
             from ..plots import run_curves_png
 
-            run_curves_png(read_history(run_dir), os.path.join(run_dir, "curves.png"))
+            try:   # a picture must never hide how the run ended (this runs while a stop or an error unwinds)
+                run_curves_png(history, os.path.join(run_dir, "curves.png"))
+            except Exception as e:
+                trainer.log(f"[sslab] curves.png not drawn: {type(e).__name__}: {e}")
 
 
 class Console(Callback):

@@ -1,8 +1,8 @@
 """What a person sees while a run trains: sslab's own lines and one progress bar per epoch, printed by the driver.
 
 Rank 0's loop sends its lines and progress to the run's small `RunLog` actor; a thread in the driver takes them every
-half second and prints them: a tqdm bar on a terminal, plain lines every engine.log_every steps otherwise (a pipe,
-a log file, `ray job submit`). Workers' own output is not forwarded and the driver's stderr (Ray's warnings, its C++
+half second and prints them: a tqdm bar on a terminal, plain lines every engine.log_every steps and at an epoch's
+last step otherwise (a pipe, a log file, `ray job submit`). Workers' own output is not forwarded and the driver's stderr (Ray's warnings, its C++
 log lines, its tracebacks about internal actors) goes to RUN_DIR/ray.log, unless `--verbose`.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def eta(seconds: float) -> str:
 
 class View:
     """Prints lines and progress events. `progress` dicts hold epoch, epochs, step, steps, loss, lr, rate
-    (images/s) and log_every."""
+    (images/s), batch (global) and log_every."""
 
     def __init__(self, out=None, tty: bool | None = None):
         self.out = out or sys.stdout
@@ -140,7 +140,9 @@ def driver_console(actor, view: View | None = None, every: float = 0.5):
             return True
         except ray.exceptions.RayActorError as e:   # its node lost: training goes on, its console lines do not
             view.line(f"[sslab] the run's console messages stopped: {str(e).strip().splitlines()[0]}")
-            return False
+        except Exception as e:                      # the console itself failed (a closed pipe): never the run
+            print(f"[sslab] console stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
 
     def pump():
         while not done.wait(every) and take():

@@ -3,9 +3,8 @@
 The shards stream through Ray Data: read and decoded by tasks, encoded by a pool of encoder replicas (actors: one
 per GPU, or on CPUs one single-threaded replica per logical CPU but one); this process writes the replicas' output
 into one Parquet file as it arrives, a few batches in flight at a time, so memory does not grow with the data.
-Columns: `id` (the row's index in its split: the shards' stable `index`), `path` (only when the shards have a `path`
-column), `label` (-1 when unknown), `split`, `embedding` (fixed_size_list<float32>[d]). Rows come in no particular
-order: (split, id) names one image.
+Columns: `id` (the row's index in its split: the shards' stable `index`), `label` (-1 when unknown), `split`,
+`embedding` (fixed_size_list<float32>[d]). Rows come in no particular order: (split, id) names one image.
 """
 from __future__ import annotations
 
@@ -109,6 +108,8 @@ def embed(run_or_checkpoint: str, data: str | None = None, out: str = "embedding
     files = {s: m.files(s) for s in (m.split_names if split == "all" else [split])}   # refuses a split it lacks
     counts = {s: m.count(s) for s in files}
     total = sum(counts.values())
+    if not total:
+        raise ConfigError(f"{m.root}: split {split!r} has no images to embed")
     init_ray(address, 0)
     device, n, resources = plan_replicas(device, ray.cluster_resources(), replicas)
     # Ray's V1 Parquet reader, as the training pipeline uses (datasets/pipeline.py): the V2 one's separate listing
@@ -141,6 +142,7 @@ def embed(run_or_checkpoint: str, data: str | None = None, out: str = "embedding
             if rows * 10 // total > (rows - table.num_rows) * 10 // total:              # every tenth
                 log(f"[sslab] embedded {rows}/{total} images ({time.time() - start:.0f} s)")
         writer.close()
+        writer = None
         if rows != total:
             raise ValueError(f"embedding gave {rows} rows, the data has {total}")
         os.replace(tmp, out)

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from ..datasets.pipeline import start_bad_rows, train_dataset
+from ..datasets.pipeline import start_run_actor, train_dataset
 from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
@@ -173,9 +173,10 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
             print(f"[sslab] checkpoints and metrics: {run_dir}" + (f" (resuming from {resumes})" if resumes else ""))
             print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
             run_log = f"sslab-run-{uuid.uuid4().hex[:12]}"     # skipped rows and console messages
-            log = start_bad_rows(run_log, RunLog)
+            log = start_run_actor(run_log, RunLog)
             started = time.time()
-            write_record(run_dir, recipe=spec.recipe_name, epochs=spec.engine.epochs, status="running", reason="",
+            write_record(run_dir, recipe=spec.recipe_name, epochs=stop_after_epoch or spec.engine.epochs,
+                         status="running", reason="",
                          started=started, ended=None)
             outcome = {"status": "interrupted", "reason": "stopped by the user or a signal"}
             try:
@@ -193,8 +194,12 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
                 now = time.time()   # wall time adds up over the resumes of a run
                 write_record(run_dir, **outcome, ended=now,
                              wall_s=read_record(run_dir).get("wall_s", 0) + now - started)
-                report_bad_rows(log, manifest)
-                ray.kill(log)
+                try:
+                    report_bad_rows(log, manifest)
+                except ray.exceptions.RayActorError as e:   # its node lost: the result matters more
+                    print(f"[sslab] skipped rows unknown: the run's log actor is gone ({type(e).__name__})")
+                finally:
+                    ray.kill(log)
 
 
 def report_bad_rows(log, manifest) -> None:

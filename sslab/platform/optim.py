@@ -9,7 +9,8 @@ def param_groups(model: nn.Module, weight_decay: float, own: dict[str, dict] | N
     """Biases and normalisation parameters get no weight decay (and, under LARS, no trust-ratio scaling:
     timm's Lars only adapts groups with weight decay), as in SimCLR/BYOL; frozen parameters are left out.
     `own` ({submodule name: {"weight_decay": w, "lr_scale": s}}, from the recipe's `optimizer_groups`) puts a
-    submodule's parameters in a group of their own with fixed weight decay (no schedule, no LARS adaptation)."""
+    submodule's parameters in a group of their own with a fixed weight decay (no schedule) and `lr_scale` times the
+    run's learning rate."""
     own = own or {}
     decay, no_decay = [], []
     extra = {prefix: [] for prefix in own}

@@ -117,6 +117,21 @@ def make_spec(recipe_name: str, overrides: dict[str, Any] | None = None, preset:
                    build(info.config, sections["recipe"], "recipe"))
 
 
+def make_run_spec(recipe_name: str, overrides: dict[str, Any] | None = None, preset: str | None = None,
+                  prepared_dir: str | None = None) -> RunSpec:
+    """`make_spec`, every key checked first; then a raw image folder as data.path is replaced by its prepared copy
+    (`datasets.cache.resolve_data`), so a typo never costs a prepare."""
+    from ..datasets.cache import resolve_data
+
+    spec = make_spec(recipe_name, overrides, preset)
+    path = spec.data.path
+    if path and "://" not in path:
+        prepared = resolve_data(path, prepared_dir)
+        if prepared != path:
+            spec = make_spec(recipe_name, (overrides or {}) | {"data.path": prepared}, preset)
+    return spec
+
+
 def build_recipe(spec: RunSpec, manifest, image_size: int) -> torch.nn.Module:
     """The recipe `spec` names, built for the data `manifest` describes at `image_size` px (random weights)."""
     info = registry.get(spec.recipe_name)

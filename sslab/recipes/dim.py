@@ -20,7 +20,8 @@ the paper, and sslab, match the prior adversarially.)
 
 Negatives span the global batch: every worker gathers y and M's encodings from all workers (with gradient) and
 computes the whole batch's loss, so a run on several workers equals one process holding the concatenated batch, for
-all three estimators (Donsker-Varadhan's log-mean-exp does not split into per-worker parts).
+all three estimators with one code path (Donsker-Varadhan's log-mean-exp is not a mean of per-worker terms; the
+gather is the simple exact way, at the cost of every worker scoring every pair).
 """
 from __future__ import annotations
 

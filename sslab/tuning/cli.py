@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..config import ConfigError, parse_overrides
-from ..datasets.cache import DATA_HELP, add_data_arguments, resolve_data_argument
+from ..datasets.cache import DATA_HELP, add_data_arguments
 
 EPILOG = """\
 search space (--space, comma separated, may repeat; or a YAML file):
@@ -73,7 +73,7 @@ def add_commands(sub) -> None:
 
 
 def base_overrides(args) -> dict:
-    from ..platform.spec import make_spec, preset_overrides
+    from ..platform.spec import make_run_spec, preset_overrides
 
     base = preset_overrides(args.preset, args.recipe) if args.preset else {}
     base.update(parse_overrides(args.overrides))
@@ -85,11 +85,8 @@ def base_overrides(args) -> dict:
         base["engine.use_gpu"] = True
     base.setdefault("engine.workers", 1)
     # typed and checked now (an unknown key fails here); data.path made absolute: trials run elsewhere
-    make_spec(args.recipe, base)
-    if args.data:                                      # then a raw image folder becomes its prepared copy
-        resolve_data_argument(args)
-        base["data.path"] = args.data
-    flat = make_spec(args.recipe, base).flat()
+    # (a raw image folder as --data becomes its prepared copy, after that check)
+    flat = make_run_spec(args.recipe, base, prepared_dir=args.prepared_dir).flat()
     return {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in base}
 
 
