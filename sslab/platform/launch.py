@@ -18,7 +18,7 @@ from .checkpoint import check_resumable
 from .console import RunLog, driver_console, quiet_stderr
 from .context import RayContext
 from .loop import Trainer
-from .runs import ended, read_record, resolve_storage, run_lock, write_record
+from .runs import ended, recording, resolve_storage, run_lock
 from .spec import RunSpec, steps_per_epoch
 
 
@@ -174,26 +174,16 @@ def train(spec: RunSpec, *, name: str | None = None, storage: str | None = None,
             print(f"[sslab] TensorBoard: tensorboard --logdir {log_dir}")
             run_log = f"sslab-run-{uuid.uuid4().hex[:12]}"     # skipped rows and console messages
             log = start_run_actor(run_log, RunLog)
-            started = time.time()
-            write_record(run_dir, recipe=spec.recipe_name, epochs=stop_after_epoch or spec.engine.epochs,
-                         status="running", reason="",
-                         started=started, ended=None)
-            outcome = {"status": "interrupted", "reason": "stopped by the user or a signal"}
+            config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir, "run_log": run_log,
+                      "callbacks": list(worker_callbacks), "stop_after_epoch": stop_after_epoch,
+                      "start_from": start_from}
             try:
-                with driver_console(log):
-                    config = {"spec": spec.to_dict(), "log_dir": log_dir, "run_dir": run_dir,
-                              "callbacks": list(worker_callbacks), "stop_after_epoch": stop_after_epoch,
-                              "start_from": start_from, "run_log": run_log}
+                with recording(run_dir, spec.recipe_name, stop_after_epoch or spec.engine.epochs) as end, \
+                        driver_console(log):
                     result = torch_trainer(spec, name, storage, placement, manifest, config, callbacks).fit()
-                outcome = ended(result.error)
-                return result
-            except Exception as e:
-                outcome = ended(e)
-                raise
+                    end.update(ended(result.error))
+                    return result
             finally:
-                now = time.time()   # wall time adds up over the resumes of a run
-                write_record(run_dir, **outcome, ended=now,
-                             wall_s=read_record(run_dir).get("wall_s", 0) + now - started)
                 try:
                     report_bad_rows(log, manifest)
                 except ray.exceptions.RayActorError as e:   # its node lost: the result matters more

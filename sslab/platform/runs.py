@@ -102,6 +102,24 @@ def write_record(run_dir: str, **fields) -> None:
     os.replace(path + ".tmp", path)
 
 
+@contextlib.contextmanager
+def recording(run_dir: str, recipe: str, epochs: int):
+    """run.json around a run: running at the start; at the end how it ended (the caller puts `ended(result.error)`
+    into the yielded dict; an exception counts as failed, anything else as interrupted) and its wall time, which
+    adds up over the resumes of a run."""
+    started = time.time()
+    write_record(run_dir, recipe=recipe, epochs=epochs, status="running", reason="", started=started, ended=None)
+    end = {"status": "interrupted", "reason": "stopped by the user or a signal"}
+    try:
+        yield end
+    except Exception as e:
+        end.update(ended(e))
+        raise
+    finally:
+        now = time.time()
+        write_record(run_dir, **end, ended=now, wall_s=read_record(run_dir).get("wall_s", 0) + now - started)
+
+
 def read_record(run_dir: str) -> dict:
     try:
         with open(os.path.join(run_dir, RECORD)) as f:
