@@ -97,32 +97,41 @@ def quiet_stderr(path: str, enabled: bool):
     saved = os.dup(2)
     with open(path, "a", buffering=1) as f:
         os.dup2(f.fileno(), 2)
-        handlers = _ray_stream_handlers()
+        handlers = [h for h in _stream_handlers() if type(h).__module__.startswith("ray")]   # Ray's own only
         streams = [h.stream for h in handlers]
         for h in handlers:
-            h.setStream(f)
+            _point(h, f)
         try:
             with contextlib.redirect_stderr(f):
                 yield
         finally:
             for h, stream in zip(handlers, streams):
-                h.setStream(stream)
-            for h in _ray_stream_handlers():     # made during the run, on the redirected stderr
+                _point(h, stream)
+            for h in _stream_handlers():          # any made during the run took the redirected stderr
                 if h.stream is f:
-                    h.setStream(sys.stderr)
+                    _point(h, sys.stderr)
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
 
 
-def _ray_stream_handlers() -> list:
-    """The console handlers of Ray's own loggers (Ray's handler classes only: not a notebook's or a test's)."""
+def _stream_handlers() -> list:
+    """The console handlers of every logger (a file handler is not one)."""
     import logging
 
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name == "ray" or name.startswith("ray.")]
+    loggers = [logging.root] + [lg for lg in list(logging.root.manager.loggerDict.values())
+                                if isinstance(lg, logging.Logger)]
     return list({id(h): h for lg in loggers for h in lg.handlers
-                 if isinstance(h, logging.StreamHandler) and type(h).__module__.startswith("ray")}.values())
+                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)}.values())
+
+
+def _point(handler, stream) -> None:
+    """Give a handler another stream without flushing its old one (which may be closed)."""
+    handler.acquire()
+    try:
+        handler.stream = stream
+    finally:
+        handler.release()
 
 
 @contextlib.contextmanager
