@@ -173,11 +173,21 @@ def add_commands(sub) -> None:
                    "CPU but one)")
     s.add_argument("--address", help="join a Ray cluster (auto or ray://host:10001) instead of a local instance")
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
+    s.add_argument("--verbose", action="store_true", help="show Ray's own output too (by default it goes to a log "
+                   "file named at the start)")
     s.set_defaults(fn=cmd_embed)
 
 
 def cmd_embed(args) -> int:
+    import tempfile
+
+    from .console import quiet_stderr
+
     resolve_data_argument(args)
-    embed(args.run, args.data, args.out, split=args.split, batch_size=args.batch_size, device=args.device,
-          force=args.force, replicas=args.replicas, address=args.address)
+    ray_log = os.path.join(tempfile.gettempdir(), f"sslab-embed-{os.getpid()}.log")
+    if not args.verbose:
+        print(f"[sslab] Ray's own messages: {ray_log} (--verbose shows them here)")
+    with quiet_stderr(ray_log, enabled=not args.verbose):
+        embed(args.run, args.data, args.out, split=args.split, batch_size=args.batch_size, device=args.device,
+              force=args.force, replicas=args.replicas, address=args.address)
     return 0
