@@ -176,7 +176,7 @@ def status(run_dir: str) -> dict:
             "reason": record.get("reason", ""), "epochs": history[-1]["epoch"] if history else 0,
             "planned": record.get("epochs"), "last_knn": knn[-1] if knn else None,
             "best_knn": max(knn) if knn else None,
-            "wall_s": wall if record.get("started") else None, "path": run_dir}
+            "wall_s": wall if record.get("started") else None, "started": record.get("started", 0), "path": run_dir}
 
 
 def list_runs(storage: str) -> list[dict]:
@@ -184,7 +184,7 @@ def list_runs(storage: str) -> list[dict]:
     dirs = [d for d in glob.glob(os.path.join(storage, "*")) if os.path.isdir(d) and (
         os.path.exists(os.path.join(d, RECORD)) or glob.glob(os.path.join(d, "checkpoint_*")))]
     runs = [status(d) for d in dirs]
-    return sorted(runs, key=lambda r: read_record(r["path"]).get("started", 0))
+    return sorted(runs, key=lambda r: r["started"])
 
 
 def format_runs(runs: list[dict]) -> str:
