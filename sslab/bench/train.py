@@ -27,7 +27,7 @@ import time
 import torch
 
 from ..datasets.shards import load_split
-from ..datasets.views import make_views
+from ..datasets.views import make_views, view_key
 from ..platform.context import LocalContext
 from ..platform.loop import Trainer, train_step
 from ..platform.spec import RunSpec
@@ -86,8 +86,8 @@ def preloaded_batches(spec: RunSpec, rank: int = 0, world: int = 1, groups: int 
     out = []
     for g in range(len(images) // local):
         rows = slice(g * local, (g + 1) * local)
-        views = make_views(images[rows], viewset, seed=1000 * rank + g)
-        out.append({c: torch.from_numpy(v) for c, v in views.items()} |
+        views = make_views(images[rows], viewset, view_key(spec.engine.seed, 0), index[rows])
+        out.append(views |
                    {"index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])})
     return out
 

@@ -1,4 +1,9 @@
-"""The Ray Data pipeline: Parquet shards -> decode -> augmented uint8 views, streamed to Train workers."""
+"""The Ray Data pipeline: Parquet shards -> decode (-> augmented uint8 views) -> Train workers.
+
+Two places to make the views (`data.augment`): `pipeline` makes every view in the Ray Data tasks and ships them
+(one column per view); `worker` ships each decoded image once (one fixed-shape uint8 column, "image") and the
+training worker makes the views on its own device (`sslab.platform.loop`), so multi-crop's 8 views cost the
+object store one image's bytes and a GPU draws its own random numbers."""
 from __future__ import annotations
 
 import os
@@ -18,6 +23,9 @@ class DataConfig:
     crop_size: int = knob(0, "side of global views in pixels; 0 = the stored image size", min=0)
     batch_rows: int = knob(256, "rows decoded and augmented per Ray Data task batch", min=1)
     cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
+    augment: str = knob("auto", "where views are made: pipeline (Ray Data tasks, shipped per view), worker (the "
+                                "training worker, on its device, from one decoded image per row), auto (worker "
+                                "on GPU, pipeline on CPU)", choices=("auto", "pipeline", "worker"))
     limit: int = knob(0, "use only the first N training images (0 = all); for smoke runs", min=0)
     max_bad_fraction: float = knob(0.01, "stop training when more than this share of the training rows failed to "
                                          "decode (each such row is skipped, counted and named at the end)",
@@ -31,20 +39,18 @@ class DataConfig:
             raise ValueError("path is required: pass --data DIR (a directory made by `sslab data prepare`)")
 
 
-class MakeViews:
-    """Ray Data batch function: PNG bytes -> uint8 views, one fixed-shape column per view.
+class DecodeImages:
+    """Ray Data batch function: PNG bytes -> one fixed-shape uint8 image per row.
 
-    In: {"image": [n] bytes, "index": [n], "label": [n]}. Out: {column: uint8 [k, C, s, s] for every view,
-    "index": int64 [k], "label": int64 [k] with -1 for unknown}, k <= n: a row whose image does not decode to
-    `size` is left out and reported to the run's `BadRows` actor named `bad_rows` (without one, it is an error).
-    """
+    In: {"image": [n] bytes, "index": [n], "label": [n]}. Out: {"image": uint8 [k, C, H, W], "index": int64 [k],
+    "label": int64 [k] with -1 for unknown}, k <= n: a row whose image does not decode to `size` is left out and
+    reported to the run's `BadRows` actor named `bad_rows` (without one, it is an error)."""
 
-    def __init__(self, viewset, channels: int, size: tuple[int, int], bad_rows: str = ""):
-        self.viewset, self.channels, self.size, self.bad_rows = viewset, channels, tuple(size), bad_rows
+    def __init__(self, channels: int, size: tuple[int, int], bad_rows: str = ""):
+        self.channels, self.size, self.bad_rows = channels, tuple(size), bad_rows
 
     def __call__(self, batch: dict) -> dict:
         from .shards import decode_readable
-        from .views import make_views
 
         images, keep, bad = decode_readable(list(batch["image"]), self.channels, self.size)
         index = np.asarray(batch["index"], dtype=np.int64)
@@ -55,13 +61,28 @@ class MakeViews:
             import ray
 
             ray.get_actor(self.bad_rows).add.remote(rows)
-        seed = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)          # fresh draws every batch, every epoch
-        out = make_views(images, self.viewset, seed)
-        out["index"] = index[keep]
         labels = [batch["label"][i] for i in keep]
-        out["label"] = np.asarray([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in labels],
-                                  dtype=np.int64)
-        return out
+        labels = [-1 if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in labels]
+        return {"image": images, "index": index[keep], "label": np.asarray(labels, dtype=np.int64)}
+
+
+class MakeViews(DecodeImages):
+    """Ray Data batch function: PNG bytes -> uint8 views, one fixed-shape column per view (`data.augment=pipeline`).
+
+    Out: {column: uint8 [k, C, s, s] for every view, "index", "label"} for the rows `DecodeImages` keeps. Each
+    batch draws a fresh key (a task cannot know its epoch); `key` fixes it, for tests and benchmarks."""
+
+    def __init__(self, viewset, channels: int, size: tuple[int, int], bad_rows: str = "", key: int | None = None):
+        super().__init__(channels, size, bad_rows)
+        self.viewset, self.key = viewset, key
+
+    def __call__(self, batch: dict) -> dict:
+        from .views import make_views
+
+        out = super().__call__(batch)
+        key = self.key if self.key is not None else int.from_bytes(os.urandom(4), "little")
+        views = make_views(out.pop("image"), self.viewset, key, out["index"])
+        return {c: v.numpy() for c, v in views.items()} | out
 
 
 class BadRows:
@@ -94,9 +115,17 @@ def start_run_actor(name: str, cls: type = BadRows):
     return ray.remote(num_cpus=0)(cls).options(name=name, scheduling_strategy=where).remote()
 
 
+def views_in_worker(cfg: DataConfig, use_gpu: bool) -> bool:
+    """Whether the training worker makes the views (`data.augment`). auto: on a GPU, where drawing and applying
+    them is a small share of a step and the CPUs are left to decode; on CPU, the pipeline, where the tasks run
+    beside the training worker instead of taking its time (benchmarks: `sslab bench data`, docs/benchmarks.md)."""
+    return cfg.augment == "worker" or (cfg.augment == "auto" and use_gpu)
+
+
 def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):
-    """The training stream: shards read in a shuffled file and block order each epoch, augmented by tasks;
-    unreadable rows go to the `BadRows` actor named `bad_rows`."""
+    """The training stream: shards read in a shuffled file and block order each epoch, decoded by tasks and, unless
+    `viewset` is None (views made by the training worker), augmented there too; unreadable rows go to the
+    `BadRows` actor named `bad_rows`."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -112,31 +141,37 @@ def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     ds = ds.randomize_block_order()
-    return ds.map_batches(MakeViews(viewset, manifest.channels, manifest.image_size, bad_rows),
-                          batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.cpus_per_task)
+    if viewset is None:                                                 # data.augment=worker
+        fn = DecodeImages(manifest.channels, manifest.image_size, bad_rows)
+    else:
+        fn = MakeViews(viewset, manifest.channels, manifest.image_size, bad_rows)
+    return ds.map_batches(fn, batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.cpus_per_task)
 
 
 def local_batches(cfg: DataConfig, manifest, viewset, seed: int = 0):
     """The training stream without Ray, for in-process runs (tests, notebooks): the split decoded once and held in
-    memory, each pass in a new seeded order, views made batch by batch by the pipeline's own `make_views`. Returns
-    `batches(size)`, one pass per call: this rank's rows (rank::world of the pass's order) in batches of `size`,
-    as dicts of tensors shaped like Ray's (`{column: uint8 [n, C, s, s], "index": [n], "label": [n]}`)."""
+    memory, each pass in a new seeded order. Returns `batches(size)`, one pass per call: this rank's rows
+    (rank::world of the pass's order) in batches of `size`, as dicts of tensors shaped like Ray's: the pipeline's
+    views (made by its own `make_views`, keyed by (seed, pass)) or, with `viewset` None, the decoded images."""
     import torch
 
     from .. import dist
     from .shards import load_split
-    from .views import make_views
+    from .views import make_views, view_key
 
     images, labels, index = load_split(cfg.path, "train", cfg.limit or None)
     passes = [0]
 
     def batches(size: int):
         rng = np.random.default_rng([seed, passes[0]])
+        key = view_key(seed, passes[0])
         passes[0] += 1
         mine = rng.permutation(len(images))[dist.rank()::dist.world_size()]
         for b in range(len(mine) // size):
             rows = mine[b * size:(b + 1) * size]
-            views = make_views(images[rows], viewset, int(rng.integers(2**62)))
-            yield {c: torch.from_numpy(v) for c, v in views.items()} | {
-                "index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])}
+            out = {"index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])}
+            if viewset is None:
+                yield {"image": torch.from_numpy(images[rows])} | out
+            else:
+                yield make_views(images[rows], viewset, key, out["index"]) | out
     return batches

@@ -1,9 +1,10 @@
 """View specs and batched augmentation of uint8 image batches.
 
 Every op works on a whole batch [N, C, H, W] with per-sample random parameters, so a Ray Data
-`map_batches` call pays a handful of tensor passes instead of N PIL round trips. Input and output
-are uint8; between ops the batch is float32 in [0, 255] (clamped after every colour op, as
-torchvision does). All randomness comes from one `torch.Generator`, so a seed fixes the output.
+`map_batches` call (or a training worker, on its own device) pays a handful of tensor passes instead of N PIL
+round trips. Input and output are uint8; between ops the batch is float32 in [0, 255] (clamped after every colour
+op, as torchvision does). The random numbers are a hash of (key, image index, view, draw) (`uniforms`), so a key
+fixes the output, whichever batch, process or device makes it.
 
 Differences from torchvision, on purpose:
 - crop + resize is one bilinear `grid_sample` without antialiasing (like GPU augmentation
@@ -23,8 +24,18 @@ import torch
 import torch.nn.functional as F
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, the weights torchvision uses
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                    dtype=torch.float64)
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))      # RGB -> YIQ rows
+
+def _hue_terms():
+    """RGB -> RGB matrix of a hue rotation by angle a, as K + cos(a) C + sin(a) S: the 9 entries' (K, C, S)."""
+    yiq = np.array(_YIQ)
+    back = np.linalg.inv(yiq)
+    keep, turn, swap = np.diag([1.0, 0, 0]), np.diag([0, 1.0, 1.0]), np.array([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
+    k, c, s = (back @ m @ yiq for m in (keep, turn, swap))
+    return tuple(zip(k.ravel().tolist(), c.ravel().tolist(), s.ravel().tolist()))
+
+
+_HUE = _hue_terms()
 
 
 @dataclass(frozen=True)
@@ -124,20 +135,59 @@ def multi_crop(global_size: int, local_size: int, n_local: int, strength: float 
     return ViewSet(tuple(groups))
 
 
+# ---- randomness: a counter-based generator keyed by (run seed, epoch), counted by image and view ------------------
+#
+# Every random number of a view is a hash of (key, image index, view number, draw number): no generator state, so
+# the views of an image do not depend on which batch, worker or device makes them, a resumed epoch replays the same
+# views, and a batch's draws are one [N, DRAWS] tensor made on the batch's device by a few integer ops (no host
+# round trip, no small host-to-device copies). The hash is a 32-bit integer mixer (two xor-shift-multiply rounds;
+# constants from Wellons' hash-prospector, both below 2**31 so the int64 products never overflow).
+
+DRAWS = 48                         # random numbers per image and view (slots below)
+_TRIES = 10                        # crop attempts side by side, as torchvision's RandomResizedCrop
+_AREA, _LOGR, _POS = 0, _TRIES, 2 * _TRIES                  # crop: area [10], log-ratio [10], top/left [2]
+_FLIP, _JIT, _FAC, _ORDER = 22, 23, 24, 28                  # flip; jitter on; 4 factors; 4 order keys
+_GRAYP, _BLUR, _SIGMA, _SOLAR = 32, 33, 34, 35
+_M32 = 0xFFFFFFFF
+
+
+def _mix(x):
+    """32-bit mixer on int64 values in [0, 2**32): works elementwise on tensors and on Python ints alike."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def view_key(seed: int, epoch: int) -> int:
+    """The key of one epoch's views in a run: a 32-bit int from the run seed and the epoch."""
+    return _mix(_mix(_mix(seed & _M32) ^ ((seed >> 32) & _M32)) ^ (epoch & _M32))
+
+
+def uniforms(key: int, index: torch.Tensor, view: int, n: int = DRAWS) -> torch.Tensor:
+    """float32 [N, n] in [0, 1) on index's device: draw d of image index[i] in view `view` under `key`."""
+    index = index.long()
+    h = _mix(_mix((index & _M32) ^ key) ^ ((index >> 32) & _M32))                      # [N] per image
+    ctr = torch.arange(view * DRAWS, view * DRAWS + n, device=index.device)               # per draw
+    h = _mix(_mix(h[:, None] ^ ctr) ^ _mix(key ^ 0x5BD1E995))
+    return (h >> 8).float() * (1.0 / (1 << 24))                                            # top 24 bits
+
+
+def _between(u, lo, hi):
+    return lo + (hi - lo) * u
+
+
 # ---- crop ---------------------------------------------------------------------------------------
 
-def _uniform(n, lo, hi, g, dtype=torch.float32):
-    return torch.empty(n, dtype=dtype).uniform_(lo, hi, generator=g)
-
-
-def sample_crop_boxes(n, h, w, scale, ratio, generator, tries: int = 10) -> torch.Tensor:
-    """torchvision RandomResizedCrop.get_params for n samples at once -> long [n, 4] of
-    (top, left, height, width). The 10 tries run side by side; each sample keeps its first
-    valid try, else the same center-crop fallback as torchvision."""
-    area = _uniform((n, tries), *scale, generator, torch.float64) * (h * w)
-    logr = math.log(ratio[0]), math.log(ratio[1])
-    aspect = _uniform((n, tries), *logr, generator, torch.float64).exp()
-    cw, ch = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()      # [n, tries]
+def sample_crop_boxes(u: torch.Tensor, h: int, w: int, scale, ratio) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params for N samples at once from their uniforms u [N, >= 22] -> long
+    [N, 4] of (top, left, height, width). The 10 tries run side by side; each sample keeps its first valid try,
+    else the same center-crop fallback as torchvision."""
+    u = u.double()
+    area = _between(u[:, _AREA:_AREA + _TRIES], *scale) * (h * w)
+    aspect = _between(u[:, _LOGR:_LOGR + _TRIES], math.log(ratio[0]), math.log(ratio[1])).exp()
+    cw, ch = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()      # [N, tries]
     ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
     first = ok.to(torch.uint8).argmax(1, keepdim=True)                           # first valid try
     cw, ch, found = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0], ok.any(1)
@@ -148,29 +198,26 @@ def sample_crop_boxes(n, h, w, scale, ratio, generator, tries: int = 10) -> torc
     else:
         fw, fh = w, h
     cw, ch = torch.where(found, cw, float(fw)), torch.where(found, ch, float(fh))
-    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-    top = torch.where(found, (u[:, 0] * (h - ch + 1)).floor(), ((h - ch) // 2))
-    left = torch.where(found, (u[:, 1] * (w - cw + 1)).floor(), ((w - cw) // 2))
+    top = torch.where(found, (u[:, _POS] * (h - ch + 1)).floor(), ((h - ch) // 2))
+    left = torch.where(found, (u[:, _POS + 1] * (w - cw + 1)).floor(), ((w - cw) // 2))
     return torch.stack([top, left, ch, cw], 1).long()
 
 
 def crop_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Resized crop of each box (+ horizontal flip where `flip`) in one affine grid_sample.
-    x float [N,C,H,W], boxes long [N,4], flip bool [N] -> float [N,C,size,size]."""
+    """Resized crop of each box (+ horizontal flip where `flip`) in one bilinear grid_sample.
+    x float [N,C,H,W], boxes long [N,4], flip bool [N] (both on x's device) -> float [N,C,size,size]."""
     n, c, h, w = x.shape
-    top, left, ch, cw = boxes.to(torch.float32).T
-    theta = torch.zeros(n, 2, 3)
-    # normalised coords (align_corners=False): pixel edge 0 -> -1, edge W -> +1
-    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
-    theta[:, 0, 2] = (2 * left + cw) / w - 1
-    theta[:, 1, 1] = ch / h
-    theta[:, 1, 2] = (2 * top + ch) / h - 1
-    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)        # [N,size,size,2] (x, y)
+    top, left, ch, cw = boxes.to(torch.float32).T[..., None]                      # [N, 1] each
+    # output pixel centres in normalised coords (align_corners=False: pixel edge 0 -> -1, edge W -> +1); the map
+    # is axis-aligned, so x depends on the column only and y on the row: two [N, size] rows, not an [N,s,s] bmm
+    base = (2 * torch.arange(size, device=x.device, dtype=torch.float32) + 1) / size - 1
+    gx = torch.where(flip[:, None], -base, base) * (cw / w) + (2 * left + cw) / w - 1
+    gy = base * (ch / h) + (2 * top + ch) / h - 1
     # keep samples inside the box (its first/last pixel centres): an upscaled crop then replicates
     # its own edge, as torchvision's resize of the cropped image does, instead of reading outside
-    lo = torch.stack([(2 * left + 1) / w, (2 * top + 1) / h], 1) - 1
-    hi = torch.stack([(2 * (left + cw) - 1) / w, (2 * (top + ch) - 1) / h], 1) - 1
-    grid = grid.clamp(lo.view(n, 1, 1, 2), hi.view(n, 1, 1, 2)).to(x.device)
+    gx = gx.clamp((2 * left + 1) / w - 1, (2 * (left + cw) - 1) / w - 1)
+    gy = gy.clamp((2 * top + 1) / h - 1, (2 * (top + ch) - 1) / h - 1)
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -201,14 +248,13 @@ def adjust_saturation(x, f):
 
 
 def adjust_hue(x, turns):
-    """Rotate (I, Q) by 2*pi*turns in YIQ space: one 3x3 matrix per sample; Y (luma) is kept."""
+    """Rotate (I, Q) by 2*pi*turns in YIQ space; Y (luma) is kept: one 3x3 RGB matrix per sample, made from Python
+    float constants (`_HUE`) and the sample's cos/sin, so nothing is copied to the device."""
     if x.shape[1] == 1:
         return x
-    a = 2 * math.pi * turns.double()
-    rot = torch.zeros(len(a), 3, 3, dtype=torch.float64)
-    rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, a.cos(), a.cos()
-    rot[:, 1, 2], rot[:, 2, 1] = -a.sin(), a.sin()
-    m = (torch.linalg.inv(_YIQ) @ rot @ _YIQ).to(x)                  # [n, 3, 3] RGB -> RGB
+    a = 2 * math.pi * turns.float()
+    cos, sin = a.cos(), a.sin()
+    m = torch.stack([k + c * cos + s * sin for k, c, s in _HUE], 1).view(-1, 3, 3)      # [n, 3, 3]
     return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 255)
 
 
@@ -225,7 +271,7 @@ def gaussian_blur(x, sigma, k: int):
     """Separable blur with a per-sample sigma [n]: one grouped conv (groups = n*C) per axis over
     the batch folded into channels, reflect padding (torchvision's border mode)."""
     n, c, h, w = x.shape
-    t = torch.arange(k, dtype=torch.float32) - k // 2
+    t = torch.arange(k, dtype=torch.float32, device=x.device) - k // 2
     ker = torch.exp(-t ** 2 / (2 * sigma.view(-1, 1).float() ** 2))
     ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x)  # [n*C, k]
     y = F.pad(x.reshape(1, n * c, h, w), (k // 2,) * 4, mode="reflect")
@@ -236,58 +282,68 @@ def gaussian_blur(x, sigma, k: int):
 
 # ---- the pipeline -------------------------------------------------------------------------------
 
-def _where_p(x, p, g, fn):
-    """Apply fn to the samples drawn with probability p (only those are computed)."""
-    idx = (torch.rand(len(x), generator=g) < p).nonzero()[:, 0].to(x.device)
-    if len(idx):
-        x[idx] = fn(x[idx])
-    return x
+def _masked(x, on, fn, blend: bool):
+    """fn applied to the samples where `on` (bool [n]). Without `blend` only those are computed (the CPU's way);
+    with it every sample is computed and blended, which needs no host sync (picking rows by a mask reads its count
+    back to the host: a sync on a GPU)."""
+    if not blend:
+        idx = on.nonzero()[:, 0]
+        if len(idx):
+            x[idx] = fn(x[idx], idx)
+        return x
+    return torch.where(on.view(-1, 1, 1, 1), fn(x, slice(None)), x)
 
 
-def _jitter(x, spec, g):
+def _jitter(x, spec, u, blend):
+    """Colour jitter in a per-sample random order (as torchvision's ColorJitter), on where u[:, _JIT] < jitter_p."""
     s = spec.strength
     mags = (spec.brightness * s, spec.contrast * s, spec.saturation * s, spec.hue * s)
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     if spec.jitter_p == 0 or not any(mags):
         return x
-
-    def apply(y):
-        m = len(y)
-        facs = [_uniform(m, max(0.0, 1 - b), 1 + b, g) for b in mags[:3]] + [_uniform(m, -mags[3], mags[3], g)]
-        order = torch.rand(m, 4, generator=g).argsort(1)             # per-sample op order, like torchvision
-        for k in range(4):
-            for op in range(4):
-                sel = (order[:, k] == op).nonzero()[:, 0]
-                if mags[op] and len(sel):
-                    y[sel] = ops[op](y[sel], facs[op][sel].to(y.device))
-        return y
-    return _where_p(x, spec.jitter_p, g, apply)
+    facs = [_between(u[:, _FAC + i], max(0.0, 1 - m), 1 + m) for i, m in enumerate(mags[:3])]
+    facs.append(_between(u[:, _FAC + 3], -mags[3], mags[3]))
+    order = u[:, _ORDER:_ORDER + 4].argsort(1)                       # [n, 4]: op at each position
+    on = u[:, _JIT] < spec.jitter_p
+    for k in range(4):
+        for op in range(4):
+            if mags[op]:
+                x = _masked(x, on & (order[:, k] == op), lambda y, i, op=op: ops[op](y, facs[op][i]), blend)
+    return x
 
 
-def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> uint8 [N,C,size,size]: crop+flip, jitter, grayscale, blur, solarize."""
+def augment(images: torch.Tensor, spec: ViewSpec, u: torch.Tensor, blend: bool | None = None) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> uint8 [N,C,size,size]: crop+flip, jitter, grayscale, blur, solarize, with the random
+    numbers u [N, DRAWS] (see `uniforms`) on the images' device. `blend` (default: off the CPU) computes the
+    random ops for every sample and keeps them where drawn: no host sync, same output."""
     n, c, h, w = images.shape
-    g = generator
-    boxes = sample_crop_boxes(n, h, w, spec.scale, spec.ratio, g)
-    flip = (torch.rand(n, generator=g) < spec.flip_p).to(images.device)
-    x = crop_flip(images.float(), boxes.to(images.device), flip, spec.size)
-    x = _jitter(x, spec, g)
+    blend = images.device.type != "cpu" if blend is None else blend
+    boxes = sample_crop_boxes(u, h, w, spec.scale, spec.ratio)
+    x = crop_flip(images.float(), boxes, u[:, _FLIP] < spec.flip_p, spec.size)
+    x = _jitter(x, spec, u, blend)
     if c == 3:
-        x = _where_p(x, spec.gray_p, g, lambda y: grayscale(y).expand(-1, 3, -1, -1))
-    k = blur_kernel_size(spec.size)
-    x = _where_p(x, spec.blur_p, g, lambda y: gaussian_blur(y, _uniform(len(y), *spec.blur_sigma, g), k))
-    x = _where_p(x, spec.solarize_p, g, lambda y: solarize(y))
+        x = _masked(x, u[:, _GRAYP] < spec.gray_p, lambda y, i: grayscale(y).expand(-1, 3, -1, -1), blend)
+    if spec.blur_p:
+        k, sigma = blur_kernel_size(spec.size), _between(u[:, _SIGMA], *spec.blur_sigma)
+        x = _masked(x, u[:, _BLUR] < spec.blur_p, lambda y, i: gaussian_blur(y, sigma[i], k), blend)
+    if spec.solarize_p:
+        x = _masked(x, u[:, _SOLAR] < spec.solarize_p, lambda y, i: solarize(y), blend)
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def make_views(images, viewset: ViewSet, seed: int) -> dict[str, np.ndarray]:
-    """The Ray Data map function's core: uint8 [N,C,H,W] -> {column: uint8 numpy [N,C,s,s]}."""
+def make_views(images, viewset: ViewSet, key: int, index=None, blend: bool | None = None) -> dict[str, torch.Tensor]:
+    """Every view of `viewset` for a batch: uint8 [N,C,H,W] (tensor on any device, or numpy) -> {column: uint8
+    [N,C,s,s]} on the images' device. The views are a function of (key, index, image) only: `index` (int64 [N],
+    default 0..N-1) names each image, `key` the run and epoch (`view_key`), so any batching or device gives the
+    same views for the same rows (exactly on the CPU). `blend`: see `augment`."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images if images.flags.writeable else images.copy())
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"make_views needs uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    return {col: augment(images, spec, g).cpu().numpy() for col, spec in viewset.views}
+    if index is None:
+        index = torch.arange(len(images), device=images.device)
+    index = torch.as_tensor(index, device=images.device)
+    return {col: augment(images, spec, uniforms(key, index, v), blend) for v, (col, spec) in enumerate(viewset.views)}
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -301,7 +357,7 @@ def view_grid(views: list[torch.Tensor], n: int = 8) -> torch.Tensor:
     """uint8 [3, H, W] image for TensorBoard: row i = image i, columns = its views, each view
     zero-padded (bottom/right) to the largest size."""
     from torchvision.utils import make_grid
-    views = [torch.as_tensor(v) for v in views]                     # numpy batches welcome too
+    views = [torch.as_tensor(v[:n]).cpu() for v in views]           # numpy batches and device tensors welcome
     s = max(v.shape[-1] for v in views)
     padded = [F.pad(v[:n], (0, s - v.shape[-1], 0, s - v.shape[-2])) for v in views]
     tiles = torch.stack(padded, 1).flatten(0, 1)                   # [n*V, C, s, s], image-major

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..datasets.views import make_views, two_views
+from ..datasets.views import make_views, two_views, view_key
 from .knn import extract
 
 
@@ -54,8 +54,8 @@ def effective_rank(z: torch.Tensor, eps: float = 1e-12) -> float:
 def sample_views(images: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed pair of SimCLR-style views of `images` (uint8 [n, C, H, W]) at side `size`: the same for every
     epoch and every recipe, so alignment is comparable along a run and across runs."""
-    cols = make_views(images, two_views(size), seed)
-    return torch.from_numpy(cols["view0"]), torch.from_numpy(cols["view1"])
+    cols = make_views(images, two_views(size), view_key(seed, 0))
+    return cols["view0"], cols["view1"]
 
 
 def representation_scores(encoder: torch.nn.Module, images: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor],

@@ -123,7 +123,7 @@ def finetune(encoder: nn.Module, images: torch.Tensor, labels: torch.Tensor, tes
     """Fine-tune a copy of `encoder` + a zero-initialised linear head on uint8 `images` [n, C, H, W] with `labels`
     (the caller picks the subset), augmenting each batch with a random resized crop (area `min_scale`..1 of the
     image; milder than ImageNet's 0.08 because these images are tiny) and a flip. Returns test top-1 and settings."""
-    from ..datasets.views import ViewSpec, augment
+    from ..datasets.views import ViewSpec, augment, uniforms, view_key
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -147,7 +147,7 @@ def finetune(encoder: nn.Module, images: torch.Tensor, labels: torch.Tensor, tes
         loss_sum = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            x = prepare(augment(images[idx], spec, gen))
+            x = prepare(augment(images[idx], spec, uniforms(view_key(seed, epoch), idx, 0)))
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = F.cross_entropy(model(x), labels[idx].to(device))

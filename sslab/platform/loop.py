@@ -19,7 +19,7 @@ import torch
 
 from .. import dist
 from ..datasets.shards import read_manifest
-from ..datasets.views import normalize
+from ..datasets.views import make_views, normalize, view_key
 from ..recipes import registry
 from ..recipes.protocol import StepOut
 from ..schedules import Schedule
@@ -76,19 +76,17 @@ def train_step(parts: StepParts, views: list[torch.Tensor], batch: dict[str, tor
     return out
 
 
-def whole_batches(batches: Iterable[dict], size: int, columns, prepare, device) -> Iterator[tuple[list, dict, dict]]:
-    """The worker's stream as steps take it: (views, batch, raw) for each whole local batch of `size` rows, where
-    `views` are the `columns` through `prepare` and `batch` holds "index" and "label" on `device`; `raw` is the batch
-    as it came (uint8 views). Every rank stops at the first batch some rank lacks, so all take the same number
-    (a rank stepping alone would hang a collective). Closing this generator closes the stream's (the Ray context
-    then reads its pass to the end)."""
+def whole_batches(batches: Iterable[dict], size: int, device) -> Iterator[dict]:
+    """The worker's stream as steps take it: each whole local batch of `size` rows as it came. Every rank stops at
+    the first batch some rank lacks, so all take the same number (a rank stepping alone would hang a collective).
+    Closing this generator closes the stream's (the Ray context then reads its pass to the end)."""
     it = iter(batches)
     try:
         while True:
             raw = next(it, None)
-            if not dist.all_true(raw is not None and raw[columns[0]].shape[0] == size, device):
+            if not dist.all_true(raw is not None and raw["index"].shape[0] == size, device):
                 return
-            yield [prepare(raw[c]) for c in columns], {k: raw[k].to(device) for k in ("index", "label")}, raw
+            yield raw
     finally:
         if hasattr(it, "close"):  # a generator: the context's pass
             it.close()
@@ -166,7 +164,8 @@ class Trainer:
         torch.manual_seed(eng.seed)
         self.manifest = read_manifest(spec.data.path)
         self.image_size = spec.data.crop_size or self.manifest.image_size[0]
-        self.columns = registry.get(spec.recipe_name).views(spec.recipe, spec.data, self.image_size).columns
+        self.viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data, self.image_size)
+        self.columns = self.viewset.columns
         self.local_batch = eng.batch_size // ctx.world_size
         self.steps_per_epoch = steps_per_epoch(spec, self.manifest.count("train"))
         if self.steps_per_epoch < 1:
@@ -206,21 +205,32 @@ class Trainer:
         self.parts = StepParts(model, self.recipe, self.optimizer, self.schedule, self.spec.engine.clip_grad,
                                self.spec.engine.amp)
 
-    # -- the data stage: uint8 batches from the context -> normalised views on the device
+    # -- the data stage: uint8 batches from the context -> (uint8 views ->) normalised views on the device
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(x.to(self.ctx.device, non_blocking=True), self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def stream(self) -> Iterator[tuple[list, dict, dict]]:
-        """One pass over this worker's training stream, whole local batches only."""
-        return whole_batches(self.ctx.batches(self.local_batch), self.local_batch, self.columns, self.prepare,
-                             self.ctx.device)
+    def stream(self, epoch: int) -> Iterator[tuple[list, dict, dict]]:
+        """One pass over this worker's training stream, whole local batches only, as (views, batch, shown): the
+        normalised views, "index" and "label" on the device, and the uint8 views with them. A stream of decoded
+        images (`data.augment=worker`) gets its views here, on the device, keyed by (seed, epoch) and image index:
+        a resumed epoch makes the same views of the same images."""
+        device, key = self.ctx.device, view_key(self.spec.engine.seed, epoch)
+        batches = whole_batches(self.ctx.batches(self.local_batch), self.local_batch, device)
+        try:
+            for raw in batches:
+                batch = {k: raw[k].to(device, non_blocking=True) for k in ("index", "label")}
+                if "image" in raw:
+                    raw = make_views(raw["image"].to(device, non_blocking=True), self.viewset, key, batch["index"])
+                yield [self.prepare(raw[c]) for c in self.columns], batch, raw
+        finally:
+            batches.close()
 
     # -- before_epoch: the recipe's hook, given a pass over the data it may read
     def before_epoch(self, epoch: int) -> None:
         self.parts.model.train()
         t0 = time.perf_counter()
-        done = self.recipe.before_epoch(epoch, _Pass(self))
+        done = self.recipe.before_epoch(epoch, _Pass(self, epoch))
         if done:
             figures = ", ".join(f"{k} {v:g}" for k, v in done.items())
             self.log(f"[sslab] before epoch {epoch + 1}: {figures} ({time.perf_counter() - t0:.0f} s)")
@@ -230,7 +240,7 @@ class Trainer:
         world = self.ctx.world_size
         self.meter = meter = EpochMeter(time.perf_counter())
         self.last_out: StepOut | None = None
-        stream = self.stream()
+        stream = self.stream(epoch)
         for i in range(self.steps_per_epoch):
             t_wait = time.perf_counter()
             item = next(stream, None)
@@ -299,8 +309,8 @@ class Trainer:
 class _Pass:
     """A pass over the stream that starts only if someone iterates it (the `data` of `before_epoch`)."""
 
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
+    def __init__(self, trainer: Trainer, epoch: int):
+        self.trainer, self.epoch = trainer, epoch
 
     def __iter__(self):
-        return ((views, batch) for views, batch, _ in self.trainer.stream())
+        return ((views, batch) for views, batch, _ in self.trainer.stream(self.epoch))

@@ -102,7 +102,7 @@ def test_folder_round_trip(tmp_path):
 
 
 def test_grayscale_and_nonsquare_resize(tmp_path):
-    made = make_folder(tmp_path / "src", n=3, size=(30, 12))       # wide images: crop the sides
+    make_folder(tmp_path / "src", n=3, size=(30, 12))       # wide images: crop the sides
     src = image_folder(tmp_path / "src", size=10, channels=1, test_fraction=0.0)
     out = prepare(src, tmp_path / "out", **QUIET)
     assert out["counts"] == {"train": 3} and out["channels"] == 1

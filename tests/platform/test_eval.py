@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from sslab import cli
 from sslab.datasets.shards import read_manifest

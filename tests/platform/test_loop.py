@@ -98,3 +98,24 @@ def test_too_many_unreadable_rows_stop_the_run(tiny_dataset, tmp_path, one_torch
                                               r"data.max_bad_fraction 0.01;"):
         Trainer(spec, ctx, default_callbacks()).run()
     assert ctx.reports[0]["bad_rows"] == 2 and not checkpoints(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "byol", "dino"])   # two views, an asymmetric pair, multi-crop
+def test_views_made_in_the_worker_equal_the_pipelines(tiny_dataset, one_torch_thread, recipe):
+    # data.augment=worker: the stream holds decoded images and the loop makes the views; pipeline: the stream holds
+    # views made by the pipeline's function. Same run seed, same epoch: the same uint8 views of the same images.
+    tiny = {k: v for k, v in TINY.items() if not k.startswith("recipe.")}
+    spec = make_spec(recipe, {"data.path": tiny_dataset, **tiny, "engine.seed": 3})
+    m = read_manifest(tiny_dataset)
+    viewset = registry.get(recipe).views(spec.recipe, spec.data, m.image_size[0])
+    shown = {}
+    for mode, vs in (("pipeline", viewset), ("worker", None)):
+        trainer = Trainer(spec, LocalContext(local_batches(spec.data, m, vs, seed=3)))
+        trainer.setup()
+        views, batch, raw = next(iter(trainer.stream(epoch=0)))
+        assert len(views) == len(viewset.columns) and views[0].dtype == torch.float32
+        shown[mode] = (raw, batch["index"])
+    (pipe, i1), (work, i2) = shown["pipeline"], shown["worker"]
+    assert torch.equal(i1, i2)
+    for col in viewset.columns:
+        assert work[col].dtype == torch.uint8 and torch.equal(work[col], pipe[col]), col

@@ -18,9 +18,10 @@ def _spec(data, **extra):
     return make_spec("simclr", {"data.path": data, **FAST, **extra})
 
 
-def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("augment", ["pipeline", "worker"])
+def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_path, augment):
     storage = str(tmp_path / "runs")
-    first = train(_spec(tiny_dataset, **{"engine.epochs": 1}), name="e2e", storage=storage)
+    first = train(_spec(tiny_dataset, **{"engine.epochs": 1, "data.augment": augment}), name="e2e", storage=storage)
     assert first.error is None
     m = first.metrics
     assert m["epoch"] == 1 and m["step"] == 96 // 16 and torch.isfinite(torch.tensor(m["loss"]))
@@ -30,7 +31,7 @@ def test_train_two_workers_checkpoint_and_resume(local_ray, tiny_dataset, tmp_pa
     assert os.listdir(os.path.join(storage, "e2e", "tensorboard")), "rank 0 writes TensorBoard events"
 
     # the same name with more epochs resumes from the checkpoint instead of starting again
-    second = train(_spec(tiny_dataset, **{"engine.epochs": 2}), name="e2e", storage=storage)
+    second = train(_spec(tiny_dataset, **{"engine.epochs": 2, "data.augment": augment}), name="e2e", storage=storage)
     assert second.error is None
     assert second.metrics["epoch"] == 2 and second.metrics["step"] == 12  # 6 steps more, not 12
     resumed = torch.load(os.path.join(second.checkpoint.path, STATE_FILE), weights_only=True)
@@ -80,7 +81,9 @@ def corrupt_row(data: str, out, index: int) -> None:
 def test_an_unreadable_image_is_skipped_counted_and_named(local_ray, tiny_dataset, tmp_path, capsys):
     data = tmp_path / "data"
     corrupt_row(tiny_dataset, data, index=10)        # not among the rows checked before the run
-    result = train(_spec(str(data), **{"engine.epochs": 1, "engine.knn_every": 0, "data.max_bad_fraction": 0.05}),
+    # views made by the training workers (the decode-only stream): the same skip-and-count as the pipeline's
+    result = train(_spec(str(data), **{"engine.epochs": 1, "engine.knn_every": 0, "data.max_bad_fraction": 0.05,
+                                       "data.augment": "worker"}),
                    name="bad-row", storage=str(tmp_path / "runs"))
     assert result.error is None and result.metrics["bad_rows"] == 1
     assert result.metrics["step"] == 96 // 16            # 96 of the 97 rows left: still 6 whole batches

@@ -236,7 +236,7 @@ def fill_before_epoch(recipe, batches, local_batch, epoch=0):
     from sslab.platform.loop import whole_batches
 
     stream = ({"view": x, "index": index, "label": index} for x, index in batches)
-    data = ((views, batch) for views, batch, _ in whole_batches(stream, local_batch, ["view"], lambda v: v, "cpu"))
+    data = (([raw["view"]], raw) for raw in whole_batches(stream, local_batch, "cpu"))
     return recipe.before_epoch(epoch, data)
 
 

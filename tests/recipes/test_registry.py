@@ -31,7 +31,7 @@ def tiny_recipe(name, seed=0, **cfg):
 def tiny_batch(viewset, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (N, CHANNELS, SIZE, SIZE), generator=g, dtype=torch.uint8)
-    cols = make_views(images, viewset, seed)
+    cols = make_views(images, viewset, seed)  # seed as the key
     views = [normalize(torch.as_tensor(cols[c]), torch.tensor([0.5]).view(1, 1, 1, 1), torch.tensor([0.25]).view(1, 1, 1, 1))
              for c in viewset.columns]
     return views, {"index": torch.arange(N) + 8 * seed, "label": torch.arange(N) % 2}
