@@ -86,7 +86,7 @@ def cmd_data_prepare(args) -> int:
 
     src = sources.build(args.source, args.src or args.root, size=args.size, channels=args.channels,
                         test_fraction=args.test_fraction)
-    summary = shards.prepare(src, args.out, force=args.force)
+    summary = shards.prepare(src, args.out, force=args.force, encoding=args.encoding)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-fraction", type=float,
                    help="folder without train/ and test/ sub-folders: share held out for evaluation (default 0.1)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.add_argument("--encoding", choices=("png", "raw"), default="png",
+                   help="how images are stored: png (small; decoded by the pipeline) or raw uint8 pixels (no "
+                        "decoding: faster for small images; zstd-compressed, Fashion-MNIST takes 30 MB raw, 33 MB as PNG)")
     s.set_defaults(fn=cmd_data_prepare)
     s = d.add_parser("info", help="summarise a prepared dataset")
     s.add_argument("dir")

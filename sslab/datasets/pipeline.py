@@ -46,13 +46,13 @@ class DecodeImages:
     "label": int64 [k] with -1 for unknown}, k <= n: a row whose image does not decode to `size` is left out and
     reported to the run's `BadRows` actor named `bad_rows` (without one, it is an error)."""
 
-    def __init__(self, channels: int, size: tuple[int, int], bad_rows: str = ""):
-        self.channels, self.size, self.bad_rows = channels, tuple(size), bad_rows
+    def __init__(self, channels: int, size: tuple[int, int], bad_rows: str = "", encoding: str = "png"):
+        self.channels, self.size, self.bad_rows, self.encoding = channels, tuple(size), bad_rows, encoding
 
     def __call__(self, batch: dict) -> dict:
         from .shards import decode_readable
 
-        images, keep, bad = decode_readable(list(batch["image"]), self.channels, self.size)
+        images, keep, bad = decode_readable(list(batch["image"]), self.channels, self.size, self.encoding)
         index = np.asarray(batch["index"], dtype=np.int64)
         if bad:
             rows = [(int(index[i]), why) for i, why in bad]
@@ -72,8 +72,9 @@ class MakeViews(DecodeImages):
     Out: {column: uint8 [k, C, s, s] for every view, "index", "label"} for the rows `DecodeImages` keeps. Each
     batch draws a fresh key (a task cannot know its epoch); `key` fixes it, for tests and benchmarks."""
 
-    def __init__(self, viewset, channels: int, size: tuple[int, int], bad_rows: str = "", key: int | None = None):
-        super().__init__(channels, size, bad_rows)
+    def __init__(self, viewset, channels: int, size: tuple[int, int], bad_rows: str = "", encoding: str = "png",
+                 key: int | None = None):
+        super().__init__(channels, size, bad_rows, encoding)
         self.viewset, self.key = viewset, key
 
     def __call__(self, batch: dict) -> dict:
@@ -142,9 +143,9 @@ def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):
         ds = ds.limit(cfg.limit)
     ds = ds.randomize_block_order()
     if viewset is None:                                                 # data.augment=worker
-        fn = DecodeImages(manifest.channels, manifest.image_size, bad_rows)
+        fn = DecodeImages(manifest.channels, manifest.image_size, bad_rows, manifest.encoding)
     else:
-        fn = MakeViews(viewset, manifest.channels, manifest.image_size, bad_rows)
+        fn = MakeViews(viewset, manifest.channels, manifest.image_size, bad_rows, manifest.encoding)
     return ds.map_batches(fn, batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.cpus_per_task)
 
 

@@ -19,12 +19,12 @@ from ..config import ConfigError
 from ..datasets.cache import DATA_HELP, add_data_arguments, resolve_data_argument
 
 
-def decode(batch: pa.Table, split: str, channels: int, size: tuple[int, int]) -> dict:
+def decode(batch: pa.Table, split: str, channels: int, size: tuple[int, int], encoding: str = "png") -> dict:
     """Ray Data batch function: shard rows -> {"image": uint8 [n, C, H, W], "id", "label" (-1 when unknown),
     "split"}. An image that does not decode is an error naming its row."""
     from ..datasets.shards import decode_readable
 
-    images, _, bad = decode_readable(batch.column("image").to_pylist(), channels, size)
+    images, _, bad = decode_readable(batch.column("image").to_pylist(), channels, size, encoding)
     ids = batch.column("index").to_numpy()
     if bad:
         raise ValueError(f"{split} row with index {ids[bad[0][0]]} is not a readable {size[0]}x{size[1]} image "
@@ -119,7 +119,8 @@ def embed(run_or_checkpoint: str, data: str | None = None, out: str = "embedding
     try:
         parts = [ray.data.read_parquet(f).map_batches(decode, batch_size=batch_size, batch_format="pyarrow",
                                                       fn_kwargs={"split": s, "channels": m.channels,
-                                                                 "size": m.image_size}) for s, f in files.items()]
+                                                                 "size": m.image_size, "encoding": m.encoding})
+                 for s, f in files.items()]
     finally:
         ctx.use_datasource_v2 = v2
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -74,3 +74,35 @@ def test_an_unreadable_row_without_a_log_is_an_error_naming_it(tiny_dataset):
     batch["image"][3] = b"garbage"
     with pytest.raises(ValueError, match=f"training row with index {batch['index'][3]}: UnidentifiedImageError"):
         MakeViews(two_views(12), m.channels, m.image_size)(batch)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("encoding", ["png", "raw"])
+def test_ray_stream_of_decoded_images_for_views_made_in_the_worker(local_ray, tiny_dataset, tmp_path, encoding):
+    # data.augment=worker: the stream carries each image once, decoded (from PNG or raw shards), and the worker's
+    # views of it equal the pipeline function's for the same key
+    import torch
+
+    from sslab.datasets import shards
+    from sslab.datasets.views import make_views, view_key
+
+    data = tiny_dataset
+    if encoding == "raw":
+        images, labels, index = load_split(tiny_dataset, "train")
+        records = [("train", img.transpose(1, 2, 0), int(lab), str(i)) for img, lab, i in zip(images, labels, index)]
+        data = shards.prepare(records, tmp_path / "raw", name="tiny", classes=("a", "b"), encoding="raw",
+                              progress=None)["out_dir"]
+    m = read_manifest(data)
+    batches = list(train_dataset(DataConfig(path=data, batch_rows=16), m, None).iter_torch_batches(batch_size=32))
+    assert set(batches[0]) == {"image", "index", "label"}
+    assert batches[0]["image"].shape[1:] == (1, 16, 16) and batches[0]["image"].dtype == torch.uint8
+    images, _, index = load_split(tiny_dataset, "train")
+    got = {int(i): img for b in batches for i, img in zip(b["index"], b["image"])}
+    assert sorted(got) == sorted(index.tolist()) and all(np.array_equal(got[int(i)], img)
+                                                          for i, img in zip(index, images))
+    b, vs, key = batches[0], multi_crop(12, 8, 2), view_key(5, 2)
+    worker = make_views(b["image"], vs, key, b["index"])
+    table = {"image": [shards.encode_image(img.numpy().transpose(1, 2, 0), "png") for img in b["image"]],
+             "index": b["index"].numpy(), "label": b["label"].numpy()}
+    pipeline = MakeViews(vs, m.channels, m.image_size, key=key)(table)
+    assert all(np.array_equal(worker[c].numpy(), pipeline[c]) for c in vs.columns)

@@ -341,3 +341,44 @@ def test_dataset_read_through_a_uri(tmp_path):
     assert uri.verify_checksums() == len(uri.files("train"))
     np.testing.assert_array_equal(load_split(f"file://{tmp_path}/out", "train")[0],
                                   load_split(tmp_path / "out", "train")[0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_raw_encoding_stores_the_same_pixels_undecoded(tmp_path, channels):
+    make_folder(tmp_path / "src", n=12, size=(12, 10))
+    src = lambda: image_folder(tmp_path / "src", size=8, channels=channels, test_fraction=0.25)
+    png = prepare(src(), tmp_path / "png", **QUIET)
+    raw = prepare(src(), tmp_path / "raw", encoding="raw", **QUIET)
+    assert read_manifest(png["out_dir"]).encoding == "png" and read_manifest(raw["out_dir"]).encoding == "raw"
+    assert raw["mean"] == png["mean"]
+    for split in ("train", "test"):
+        a, b = load_split(png["out_dir"], split), load_split(raw["out_dir"], split)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # the stored bytes are the C x H x W pixels themselves
+    first = pq.read_table(read_manifest(raw["out_dir"]).files("train")[0]).column("image")[0].as_py()
+    assert len(first) == channels * 8 * 8
+    assert np.array_equal(np.frombuffer(first, np.uint8).reshape(channels, 8, 8), load_split(raw["out_dir"], "train")[0][0])
+    read_manifest(raw["out_dir"]).verify()
+    with pytest.raises(ValueError, match="encoding must be one of png, raw"):
+        prepare(src(), tmp_path / "bad", encoding="jpeg", **QUIET)
+
+
+def test_raw_rows_of_the_wrong_length_are_skipped_and_named(tmp_path):
+    from sslab.datasets.shards import decode_readable
+
+    good = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
+    rows = [good[0].tobytes(), b"\x00" * 5, good[1].tobytes()]
+    images, keep, bad = decode_readable(rows, 1, (4, 4), "raw")
+    assert keep == [0, 2] and np.array_equal(images, good)
+    assert bad == [(1, "raw image of 5 bytes; a 1x4x4 one has 16")]
+    # a manifest declaring a size the raw rows do not have is caught before training, naming the file and row
+    make_folder(tmp_path / "src", n=6, size=(8, 8))
+    out = prepare(image_folder(tmp_path / "src", size=8, channels=1, test_fraction=0.0), tmp_path / "raw",
+                  encoding="raw", **QUIET)
+    path = Path(out["manifest"])
+    m = json.loads(path.read_text())
+    m["image_size"] = [7, 8]
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"train-00000.parquet: row with index 0 holds 64 bytes; .* declares raw "
+                                         r"7x8 L images"):
+        read_manifest(out["out_dir"]).verify()
