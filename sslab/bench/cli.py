@@ -12,7 +12,8 @@ def add_commands(sub) -> None:
     s = b.add_parser("data", help="Ray Data pipeline vs a torch DataLoader (images/s, 1 and 2 CPUs; peak memory)")
     s.add_argument("--data", default="data/fashion-mnist", help="prepared dataset")
     s.add_argument("--recipe", default="simclr", help="whose views to make")
-    s.add_argument("--images", type=int, default=20000, help="training images per pass (whole shard files)")
+    s.add_argument("--images", type=int, default=60000, help="training images per pass (whole shard files)")
+    s.add_argument("--rows-per-task", type=int, default=0, help="the pipeline's data.batch_rows (0: its default)")
     s.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="CPU counts to compare at")
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--repeats", type=int, default=2, help="passes per loader (interleaved); the best is reported")
@@ -33,6 +34,7 @@ def add_commands(sub) -> None:
     s.add_argument("--steps", type=int, default=30, help="steps per epoch, and timed steps of the bare loop")
     s.add_argument("--warmup", type=int, default=3, help="untimed first steps of the bare loop")
     s.add_argument("--out", default="bench/train.json", help="JSON results")
+    s.add_argument("--gpu", action="store_true", help="one GPU for both: bf16, channels-last, views made on the GPU")
     s.add_argument("--smoke", action="store_true", help="tiny sizes, to check the command works")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides, e.g. model.name=resnet18")
     s.set_defaults(fn=cmd_bench_train)
@@ -63,17 +65,19 @@ def cmd_bench_data(args) -> int:
 
     if args.smoke:
         r = bench_data(_smoke_data(), recipe=args.recipe, images=64, cpus=(1, 2), batch=16, repeats=1, rss_scale=3,
+                       rows_per_task=16,
                        smoke=True, out=args.out)
     else:
         r = bench_data(args.data, recipe=args.recipe, images=args.images, cpus=tuple(args.cpus), batch=args.batch,
-                       repeats=args.repeats, rss_scale=args.rss_scale, out=args.out)
-    print(f"\n{'CPUs':>4} | {'Ray Data img/s':>14} | {'DataLoader per-image':>20} | {'DataLoader batched':>18} | "
-          f"Ray / DataLoader")
+                       repeats=args.repeats, rss_scale=args.rss_scale, rows_per_task=args.rows_per_task, out=args.out)
+    names = ("ray_data", "dataloader_batched", "dataloader_per_image", "ray_data_decode", "dataloader_decode")
+    print(f"\nimages/s, best of {r['repeats']} passes (bytes per image in the batches)")
+    print(f"{'CPUs':>4} | " + " | ".join(f"{n:>22}" for n in names) + " | Ray / same work | Ray / per-image")
     for c, ratio in r["ratios"].items():
         rows = {x["loader"]: x for x in r["rows"] if str(x["cpus"]) == c}
-        print(f"{c:>4} | {rows['ray_data']['images_per_s']:>14,.0f} | "
-              f"{rows['dataloader_per_image']['images_per_s']:>20,.0f} | "
-              f"{rows['dataloader_batched']['images_per_s']:>18,.0f} | {ratio['ray_vs_dataloader']:.2f}x")
+        cells = " | ".join(f"{rows[n]['images_per_s']:>11,.0f} ({rows[n]['bytes_per_image']:>5} B)" for n in names)
+        print(f"{c:>4} | {cells} | {ratio['ray_vs_same_work_dataloader']:>14.2f}x | "
+              f"{ratio['ray_vs_per_image_dataloader']:>14.2f}x")
     mem = r["memory"]
     print(f"peak PSS of the process tree: {mem['runs'][0]['peak_pss_mb']} MiB (x1) -> {mem['runs'][1]['peak_pss_mb']} "
           f"MiB (x{args.rss_scale if not args.smoke else 3}); Ray idle {mem['baseline_pss_mb']} MiB")
@@ -93,12 +97,14 @@ def cmd_bench_train(args) -> int:
     else:
         r = bench_train(args.data, recipe=args.recipe, overrides=overrides, batch=args.batch_size,
                         workers=args.workers, cpus_per_worker=args.cpus_per_worker, epochs=args.epochs,
-                        steps=args.steps, warmup=args.warmup, out=args.out)
+                        steps=args.steps, warmup=args.warmup, gpu=args.gpu, out=args.out)
     print(f"\n{'':44s} steps/s\n{'engine, after the first steps of each epoch':44s} {r['engine_steps_per_s']:.3f}\n"
           f"{'engine, whole epochs (stream restart incl.)':44s} {r['engine_in_epoch_steps_per_s']:.3f}\n"
           f"{'engine, with reports and checkpoints':44s} {r['engine_with_reports_steps_per_s']:.3f}\n"
           f"{'bare loop (the same train_step, no Ray)':44s} {r['bare_steps_per_s']:.3f}\n"
           f"{'engine: share of steady time waiting on data':44s} {r['engine_data_wait_frac']:.3f}\n"
-          f"{'ratio engine / bare (goal >= 0.9)':44s} {r['ratio']:.3f}")
+          f"{'ratio engine / bare (goal >= 0.9)':44s} {r['ratio']:.3f}\n"
+          f"{'engine images/s, whole epochs':44s} {r['engine_in_epoch_images_per_s']:,.0f}\n"
+          f"{'views made on the ' + r['device'] + ', ms per local batch':44s} {r['views_on_device_ms_per_batch']:.2f}")
     print(f"results: {args.out}")
     return 0

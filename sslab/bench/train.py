@@ -56,26 +56,29 @@ class ReportTimes(_UserCallback):
 
 def bare_steps(spec: RunSpec, batches: list[dict], steps: int, device: str = "cpu") -> tuple[list[float], list[float]]:
     """`steps` training steps of `spec`'s run on `batches` (cycled; each as the stream gives it: uint8 view columns,
-    "index", "label"), through the engine's setup and `train_step` and nothing else. Returns each step's loss and
-    the time (perf_counter) at its end."""
-    trainer = Trainer(spec, LocalContext(lambda size: iter(()), device=device))
+    or with `data.augment=worker` uint8 "image"s, whose views the loop's data stage makes on the device every step;
+    "index", "label"), through the engine's setup, data stage and `train_step` and nothing else. Returns each
+    step's loss and the time (perf_counter) at its end."""
+    cycled = lambda size: (batches[i % len(batches)] for i in range(steps))
+    trainer = Trainer(spec, LocalContext(cycled, device=device))
     trainer.setup()
     trainer.resume()                       # no checkpoint to find: wraps the model as the engine does
     trainer.parts.model.train()
     losses, times = [], []
-    for i in range(steps):
-        raw = batches[i % len(batches)]
-        views = [trainer.prepare(raw[c]) for c in trainer.columns]
-        out = train_step(trainer.parts, views, {k: raw[k].to(device) for k in ("index", "label")}, i)
+    for i, (views, batch, _) in enumerate(trainer.stream(epoch=0)):
+        out = train_step(trainer.parts, views, batch, i)
         losses.append(out.loss.item())
         times.append(time.perf_counter())
     return losses, times
 
 
-def preloaded_batches(spec: RunSpec, rank: int = 0, world: int = 1, groups: int = 4) -> list[dict]:
-    """`groups` batches of this rank's share of the global batch, views made once (so the bare loop times steps,
-    not data)."""
+def preloaded_batches(spec: RunSpec, rank: int = 0, world: int = 1, groups: int = 4, device: str = "cpu"
+                      ) -> list[dict]:
+    """`groups` batches of this rank's share of the global batch, on `device`: with views made by the worker
+    (`data.augment`), the uint8 images (the loop makes their views every step, as the engine's worker does);
+    otherwise views made once (so the bare loop times steps, not data)."""
     from ..recipes import registry
+    from ..datasets.pipeline import views_in_worker
     from ..datasets.shards import read_manifest
 
     manifest = read_manifest(spec.data.path)
@@ -86,13 +89,36 @@ def preloaded_batches(spec: RunSpec, rank: int = 0, world: int = 1, groups: int 
     out = []
     for g in range(len(images) // local):
         rows = slice(g * local, (g + 1) * local)
-        views = make_views(images[rows], viewset, view_key(spec.engine.seed, 0), index[rows])
-        out.append(views |
-                   {"index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])})
+        batch = {"index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])}
+        if views_in_worker(spec.data, spec.engine.use_gpu):
+            batch["image"] = torch.from_numpy(images[rows])
+        else:
+            batch |= make_views(images[rows], viewset, view_key(spec.engine.seed, 0), index[rows])
+        out.append({k: v.to(device) for k, v in batch.items()})
     return out
 
 
-def bare_rate(spec: RunSpec, steps: int, warmup: int, threads: int) -> float:
+def view_cost_ms(spec: RunSpec, device: str, reps: int = 20) -> float:
+    """Milliseconds to make one local batch's views on `device` (the worker's share of each step when views are
+    made there), timed with the device synchronised before and after."""
+    from ..recipes import registry
+
+    batch = preloaded_batches(spec, groups=1, device=device)[0]
+    if "image" not in batch:
+        return float("nan")
+    image = batch["image"]
+    viewset = registry.get(spec.recipe_name).views(spec.recipe, spec.data, spec.data.crop_size or image.shape[-1])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    make_views(image, viewset, 0, batch["index"])
+    sync()
+    t = time.perf_counter()
+    for k in range(reps):
+        make_views(image, viewset, k, batch["index"])
+    sync()
+    return 1000 * (time.perf_counter() - t) / reps
+
+
+def bare_rate(spec: RunSpec, steps: int, warmup: int, threads: int, device: str = "cpu") -> float:
     """Steps/s of the bare loop in this process (one rank of a group when torch.distributed is initialised),
     timing the steps after the first `warmup` (at least one)."""
     from .. import dist
@@ -101,8 +127,8 @@ def bare_rate(spec: RunSpec, steps: int, warmup: int, threads: int) -> float:
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        batches = preloaded_batches(spec, dist.rank(), dist.world_size())
-        _, times = bare_steps(spec, batches, warmup + steps)
+        batches = preloaded_batches(spec, dist.rank(), dist.world_size(), device=device)
+        _, times = bare_steps(spec, batches, warmup + steps, device)
     finally:
         torch.set_num_threads(saved)
     return steps / (times[-1] - times[warmup - 1])
@@ -120,8 +146,13 @@ def _bare_torchrun(spec: RunSpec, steps: int, warmup: int, threads: int, world: 
 
 def bench_train(data_dir: str, *, recipe: str = "simclr", overrides: dict | None = None, batch: int = 256,
                 workers: int = 1, cpus_per_worker: float = 1.0, epochs: int = 2, steps: int = 30,
-                warmup: int = 3, smoke: bool = False, out: str | None = None, log=print) -> dict:
-    """See the module docstring."""
+                warmup: int = 3, gpu: bool = False, smoke: bool = False, out: str | None = None, log=print) -> dict:
+    """See the module docstring. `gpu`: one GPU per worker for both, bf16 autocast, channels-last (the engine's
+    GPU settings; views made on the GPU unless `data.augment=pipeline` is among the overrides); the bare loop
+    runs in this process (workers must be 1)."""
+    if gpu and workers != 1:
+        raise ValueError("bench train --gpu compares one GPU worker with the bare loop on the same GPU: workers=1")
+    device = "cuda" if gpu else "cpu"
     import ray
 
     from ..platform.launch import train
@@ -130,7 +161,9 @@ def bench_train(data_dir: str, *, recipe: str = "simclr", overrides: dict | None
     flat = {"data.path": data_dir, "engine.batch_size": batch, "engine.workers": workers,
             "engine.cpus_per_worker": cpus_per_worker, "engine.epochs": epochs, "engine.steps_per_epoch": steps,
             "engine.knn_every": 0, "engine.collapse_threshold": 0.0, "engine.diagnostics": 0, "engine.log_every": max(1, steps // 3),
-            "data.limit": steps * batch} | (overrides or {})
+            "data.limit": steps * batch} | (
+                {"engine.use_gpu": True, "engine.amp": True, "engine.channels_last": True} if gpu else {}) | (
+                overrides or {})
     spec = make_spec(recipe, flat)
     threads = max(1, math.floor(cpus_per_worker))   # what Ray gives a Train worker: OMP_NUM_THREADS=floor(CPUs)
     result = {"benchmark": "train", "smoke": smoke, "machine": machine(), "data": spec.data.path, "recipe": recipe,
@@ -141,7 +174,7 @@ def bench_train(data_dir: str, *, recipe: str = "simclr", overrides: dict | None
     def time_bare(n: int) -> float:                       # seconds for n timed steps, after `warmup` untimed ones
         if workers > 1:
             return n / _bare_torchrun(spec, n, warmup, threads, workers)
-        return n / bare_rate(spec, n, warmup, threads)
+        return n / bare_rate(spec, n, warmup, threads, device)
 
     bare_steps_split = (steps // 2, steps - steps // 2)
     bare_s = [time_bare(bare_steps_split[0])]
@@ -174,6 +207,8 @@ def bench_train(data_dir: str, *, recipe: str = "simclr", overrides: dict | None
         "bare_before_after_steps_per_s": [sig(n / t) for n, t in zip(bare_steps_split, bare_s)],
         "ratio": sig(engine / bare),
         "ratio_in_epoch": sig(in_epoch / bare), "ratio_with_reports": sig(whole / bare), "reports": reports,
+        "engine_images_per_s": sig(engine * batch), "engine_in_epoch_images_per_s": sig(in_epoch * batch),
+        "device": device, "views_on_device_ms_per_batch": sig(view_cost_ms(spec, device)),
         "goal": {"engine_vs_bare_at_least": 0.9, "met": engine / bare >= 0.9}})
     result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     log(f"[sslab] steps/s: engine {engine:.3f} after the first step of each epoch ({in_epoch:.3f} whole epochs, "

@@ -15,6 +15,7 @@ from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
 from .checkpoint import check_resumable
+from . import reaper
 from .console import RunLog, driver_console, quiet_stderr
 from .context import RayContext
 from .loop import Trainer
@@ -105,6 +106,7 @@ def init_ray(address: str | None, want_cpus: float, verbose: bool = True):
     # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=verbose,
              runtime_env=RUNTIME_ENV)
+    reaper.watch(ray.get_runtime_context().get_node_id())  # Ray ends with this process, even a killed one
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

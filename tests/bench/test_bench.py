@@ -57,14 +57,17 @@ def test_bench_data_smoke(local_ray, tmp_path):
     assert cli.main(["bench", "data", "--smoke", "--out", out]) == 0
     r = json.load(open(out))
     assert r["benchmark"] == "data" and r["smoke"] and r["machine"]["cpus"] >= 1
-    assert [(x["loader"], x["cpus"]) for x in r["rows"]] == [
-        (name, c) for c in (1, 2) for name in ("ray_data", "dataloader_per_image", "dataloader_batched")]
+    names = ("ray_data", "ray_data_decode", "dataloader_batched", "dataloader_decode", "dataloader_per_image")
+    assert [(x["loader"], x["cpus"]) for x in r["rows"]] == [(name, c) for c in (1, 2) for name in names]
     for row in r["rows"]:  # every loader delivers every image of the same shard files
         assert row["images"] == r["images"] == 64 and row["images_per_s"] > 0
+        # two 16x16 grey views per image, or the 16x16 image once (+ nothing else uint8)
+        assert row["bytes_per_image"] == (256 if "decode" in row["loader"] else 512), row
     for c in ("1", "2"):
-        assert set(r["ratios"][c]) == {"ray_vs_dataloader", "ray_first_pass_vs_dataloader",
-                                       "ray_vs_dataloader_steady", "batched_dataloader_vs_dataloader",
-                                       "ray_vs_batched_dataloader"}
+        assert set(r["ratios"][c]) == {"ray_vs_same_work_dataloader", "ray_decode_vs_same_work_dataloader",
+                                       "ray_vs_per_image_dataloader", "ray_first_pass_vs_same_work_dataloader",
+                                       "batched_vs_per_image_dataloader", "view_bytes_vs_image_bytes"}
+        assert r["ratios"][c]["view_bytes_vs_image_bytes"] == 2
     mem = r["memory"]
     assert [run["scale"] for run in mem["runs"]] == [1, 3] and [run["images"] for run in mem["runs"]] == [32, 96]
     assert all(run["peak_pss_mb"] > 0 and run["peak_rss_mb"] >= run["peak_pss_mb"] for run in mem["runs"])

@@ -48,9 +48,9 @@ def test_ray_stream_multi_crop_columns(local_ray, tiny_dataset):
 
 
 @pytest.mark.ray
-def test_ray_stream_splits_a_shard_file_into_several_tasks(local_ray, tmp_path):
-    """One shard file is augmented by several tasks, each yielding its own block, so a pass streams from its
-    start (one task per file would hand over the whole file's views at once, when the task ends)."""
+def test_ray_stream_yields_a_shard_file_in_several_blocks(local_ray, tmp_path):
+    """One shard file comes out as a block per `batch_rows`, so a pass streams from its start (a task that handed
+    over a whole file's views at once, when it ends, would hold the first batch back for the whole file)."""
     from sslab.datasets import shards, sources
     from conftest import make_image_folder
 
