@@ -24,9 +24,9 @@ class DataConfig:
     batch_rows: int = knob(1024, "rows decoded (and augmented) per call of the map function; each Ray Data task "
                                  "streams one block of this many rows at a time", min=1)
     cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
-    augment: str = knob("auto", "where views are made: pipeline (Ray Data tasks, shipped per view), worker (the "
-                                "training worker, on its device, from one decoded image per row), auto (worker "
-                                "on GPU, pipeline on CPU)", choices=("auto", "pipeline", "worker"))
+    augment: str = knob("worker", "where views are made: worker (the training worker, on its device, from one "
+                                  "decoded image per row) or pipeline (Ray Data tasks, shipped one column per "
+                                  "view)", choices=("worker", "pipeline"))
     limit: int = knob(0, "use only the first N training images (0 = all); for smoke runs", min=0)
     max_bad_fraction: float = knob(0.01, "stop training when more than this share of the training rows failed to "
                                          "decode (each such row is skipped, counted and named at the end)",
@@ -117,11 +117,11 @@ def start_run_actor(name: str, cls: type = BadRows):
     return ray.remote(num_cpus=0)(cls).options(name=name, scheduling_strategy=where).remote()
 
 
-def views_in_worker(cfg: DataConfig, use_gpu: bool) -> bool:
-    """Whether the training worker makes the views (`data.augment`). auto: on a GPU, where drawing and applying
-    them is a small share of a step and the CPUs are left to decode; on CPU, the pipeline, where the tasks run
-    beside the training worker instead of taking its time (benchmarks: `sslab bench data`, docs/benchmarks.md)."""
-    return cfg.augment == "worker" or (cfg.augment == "auto" and use_gpu)
+def views_in_worker(cfg: DataConfig, use_gpu: bool = False) -> bool:
+    """Whether the training worker makes the views (`data.augment`). `worker` is the default on CPU as on GPU:
+    `make demo` (SimCLR, 2 cores) took 157-162 s with it against 176-193 s with `pipeline`, whose tasks took more
+    of the cores from training than making the views in the worker costs it (docs/benchmarks.md)."""
+    return cfg.augment == "worker"
 
 
 def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):

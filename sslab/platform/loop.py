@@ -212,7 +212,7 @@ class Trainer:
 
     def stream(self, epoch: int) -> Iterator[tuple[list, dict, dict]]:
         """One pass over this worker's training stream, whole local batches only, as (views, batch, shown): the
-        normalised views, "index" and "label" on the device, and the uint8 views with them. A stream of decoded
+        normalised views, "index" and "label" on the device, and the uint8 views with "index" and "label". A stream of decoded
         images (`data.augment=worker`) gets its views here, on the device, keyed by (seed, epoch) and image index:
         a resumed epoch makes the same views of the same images."""
         device, key = self.ctx.device, view_key(self.spec.engine.seed, epoch)
@@ -221,7 +221,8 @@ class Trainer:
             for raw in batches:
                 batch = {k: raw[k].to(device, non_blocking=True) for k in ("index", "label")}
                 if "image" in raw:
-                    raw = make_views(raw["image"].to(device, non_blocking=True), self.viewset, key, batch["index"])
+                    raw = make_views(raw["image"].to(device, non_blocking=True), self.viewset, key, batch["index"]
+                                     ) | batch
                 yield [self.prepare(raw[c]) for c in self.columns], batch, raw
         finally:
             batches.close()

@@ -81,9 +81,9 @@ def corrupt_row(data: str, out, index: int) -> None:
 def test_an_unreadable_image_is_skipped_counted_and_named(local_ray, tiny_dataset, tmp_path, capsys):
     data = tmp_path / "data"
     corrupt_row(tiny_dataset, data, index=10)        # not among the rows checked before the run
-    # views made by the training workers (the decode-only stream): the same skip-and-count as the pipeline's
+    # views made in the pipeline (the default makes them in the worker): the same skip-and-count either way
     result = train(_spec(str(data), **{"engine.epochs": 1, "engine.knn_every": 0, "data.max_bad_fraction": 0.05,
-                                       "data.augment": "worker"}),
+                                       "data.augment": "pipeline"}),
                    name="bad-row", storage=str(tmp_path / "runs"))
     assert result.error is None and result.metrics["bad_rows"] == 1
     assert result.metrics["step"] == 96 // 16            # 96 of the 97 rows left: still 6 whole batches
