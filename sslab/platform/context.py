@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import os
 import shutil
+import threading
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -44,6 +46,7 @@ class RayContext:
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.run_dir, self.start_from, self._run_log = run_dir, start_from, run_log
         self._shard = ray.train.get_dataset_shard("train")
+        self._ahead: tuple[int, threading.Thread, dict] | None = None     # a pass started early (start_pass)
         # rank 0's lines and progress go to the driver's console (console.py); without one, to this worker's stdout
         self._sender = Sender(run_log) if run_log and self.rank == 0 else None
         self._view = View(tty=False)
@@ -66,10 +69,44 @@ class RayContext:
 
         return ray.get(ray.get_actor(self._run_log).count.remote()) if self._run_log else 0
 
-    def batches(self, size: int) -> Iterator[dict]:
+    def _open(self, size: int) -> Iterator[dict]:
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
-        it = iter(self._shard.iter_torch_batches(batch_size=size, drop_last=True,
-                                                 pin_memory=self.device.type == "cuda"))
+        return iter(self._shard.iter_torch_batches(batch_size=size, drop_last=True,
+                                                   pin_memory=self.device.type == "cuda"))
+
+    def start_pass(self, size: int) -> None:
+        """Start the next pass now, in a thread that waits for its first batch: its start (Ray Data's planning and
+        first block, ~1 s) then overlaps the end of this epoch (monitors, checkpoint) instead of holding the next
+        epoch's first step. Every worker does this at its epoch's end; Ray's split starts the pass once all have."""
+        box: dict = {}
+
+        def run():
+            try:
+                box["it"] = self._open(size)
+                box["first"] = next(box["it"], None)
+            except BaseException as e:  # re-raised in the training thread, where the pass is taken
+                box["error"] = e
+        thread = threading.Thread(target=run, name="sslab-next-pass", daemon=True)
+        thread.start()
+        self._ahead = (size, thread, box)
+
+    def _take_ahead(self, size: int) -> Iterator[dict] | None:
+        """The pass `start_pass` began, if it was for batches of `size` (one for another size is read to its end
+        and dropped: a split's next pass starts only when the last has been read)."""
+        if self._ahead is None:
+            return None
+        started, thread, box = self._ahead
+        self._ahead = None
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if started != size:
+            collections.deque(box["it"], maxlen=0)
+            return None
+        return box["it"] if box["first"] is None else itertools.chain([box["first"]], box["it"])
+
+    def batches(self, size: int) -> Iterator[dict]:
+        it = self._take_ahead(size) or self._open(size)
         try:
             yield from it
         finally:  # a pass cut short (steps_per_epoch, a rank out of batches) is read to its end: the next starts clean
@@ -137,6 +174,9 @@ class LocalContext:
 
     def bad_rows(self) -> int:
         return 0  # the in-process stream decodes its split up front, and an unreadable row is an error there
+
+    def start_pass(self, size: int) -> None:
+        """Nothing to start early: the in-process passes come from memory."""
 
     def wrap_model(self, recipe: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:

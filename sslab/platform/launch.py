@@ -106,7 +106,8 @@ def init_ray(address: str | None, want_cpus: float, verbose: bool = True):
     # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=verbose,
              runtime_env=RUNTIME_ENV)
-    reaper.watch(ray.get_runtime_context().get_node_id())  # Ray ends with this process, even a killed one
+    if ray.is_initialized():   # Ray's processes end with this one, even a killed one
+        reaper.watch(ray.get_runtime_context().get_node_id())
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

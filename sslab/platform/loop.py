@@ -151,6 +151,8 @@ class Trainer:
                 self.epoch = epoch
                 self.before_epoch(epoch)
                 metrics = self.train_epoch(epoch)
+                if epoch + 1 < self.last_epoch:  # the next epoch's stream starts during the callbacks and checkpoint
+                    self.ctx.start_pass(self.local_batch)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, metrics)
                 self.checkpoint_and_report(epoch, metrics)
