@@ -214,9 +214,9 @@ class Trainer:
 
     def stream(self, epoch: int) -> Iterator[tuple[list, dict, dict]]:
         """One pass over this worker's training stream, whole local batches only, as (views, batch, shown): the
-        normalised views, "index" and "label" on the device, and the uint8 views with "index" and "label". A stream of decoded
-        images (`data.augment=worker`) gets its views here, on the device, keyed by (seed, epoch) and image index:
-        a resumed epoch makes the same views of the same images."""
+        normalised views, "index" and "label" on the device, and the uint8 views with "index" and "label". A stream
+        of decoded images (`data.augment=worker`) gets its views here, on the device, keyed by (seed, epoch) and
+        image index: a resumed epoch makes the same views of the same images."""
         device, key = self.ctx.device, view_key(self.spec.engine.seed, epoch)
         batches = whole_batches(self.ctx.batches(self.local_batch), self.local_batch, device)
         try:

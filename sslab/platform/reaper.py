@@ -10,6 +10,7 @@ Linux only (it reads /proc); elsewhere `watch()` does nothing.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -111,13 +112,14 @@ def _noted(pids) -> set[tuple[int, int]]:
 def reap(driver: tuple[int, int], named: list[tuple[int, int]], node: str = "", poll: float = 0.2,
          grace: float = 2.0) -> list[int]:
     """Wait for `driver` (pid, start) to end, then stop the `named` processes, everything seen under them (the
-    dashboard's helpers; a process orphaned when its parent dies is no longer under it, so the tree is noted at
-    every poll) and the processes of Ray node `node` (the raylet's agents and workers: some daemons die with the
+    dashboard's helpers; a process orphaned when its parent dies is no longer under it, so the tree is noted
+    every 10 polls) and the processes of Ray node `node` (the raylet's agents and workers: some daemons die with the
     driver and orphan them at once). The named daemons go first, so none is left to start a helper again; a
     SIGTERM round, then SIGKILL rounds for whatever is left or new. Returns the pids signalled."""
     tracked = {(p, s) for p, s in named}
-    while True:
-        tracked |= _noted(_descendants(p for p, s in tracked if _same(p, s)))
+    for n in itertools.count():
+        if n % 10 == 0:                                 # the tree every 2 s: a scan of /proc is the costly part
+            tracked |= _noted(_descendants(p for p, s in tracked if _same(p, s)))
         if not _same(*driver):
             break
         time.sleep(poll)
