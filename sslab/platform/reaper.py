@@ -10,6 +10,7 @@ Linux only (it reads /proc); elsewhere `watch()` does nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -34,11 +35,9 @@ def _parents() -> dict[int, int]:
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
+            with contextlib.suppress(OSError, IndexError, ValueError):   # gone since the listing
                 with open(f"/proc/{entry}/stat") as f:
                     out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
     return out
 
 
@@ -63,12 +62,10 @@ def _of_node(node: str) -> set[int]:
     want, out = f"RAY_NODE_ID={node}".encode() + b"\0", set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
+            with contextlib.suppress(OSError):                             # gone, or not ours to read
                 with open(f"/proc/{entry}/environ", "rb") as f:
                     if want in f.read() + b"\0":
                         out.add(int(entry))
-            except OSError:
-                pass
     return out
 
 
@@ -132,11 +129,9 @@ def reap(driver: tuple[int, int], named: list[tuple[int, int]], node: str = "", 
         if not alive:
             break
         for pid, _ in alive:
-            try:
+            with contextlib.suppress(ProcessLookupError):                 # ended meanwhile
                 os.kill(pid, sig)
                 signalled.add(pid)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(_same(p, s) for p, s in alive):
             time.sleep(0.1)

@@ -28,7 +28,7 @@ def _alive(pid, start):
 
 
 def test_ray_processes_end_soon_after_the_driver_is_killed(tmp_path):
-    env = dict(os.environ, RAY_ADDRESS="")
+    env, other = dict(os.environ, RAY_ADDRESS=""), None
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, env=env,
                               cwd=str(tmp_path))
     try:
@@ -47,10 +47,8 @@ def test_ray_processes_end_soon_after_the_driver_is_killed(tmp_path):
         assert _alive(other, other_start), "a child of the driver that is not Ray's was stopped"
     finally:
         driver.kill()
-        try:
+        if other is not None and reaper._start_time(other) is not None:
             os.kill(other, signal.SIGKILL)
-        except (ProcessLookupError, UnboundLocalError, NameError):
-            pass
 
 
 def test_reap_leaves_a_reused_pid_alone():
