@@ -78,7 +78,6 @@ def preloaded_batches(spec: RunSpec, rank: int = 0, world: int = 1, groups: int 
     (`data.augment`), the uint8 images (the loop makes their views every step, as the engine's worker does);
     otherwise views made once (so the bare loop times steps, not data)."""
     from ..recipes import registry
-    from ..datasets.pipeline import views_in_worker
     from ..datasets.shards import read_manifest
 
     manifest = read_manifest(spec.data.path)
@@ -90,7 +89,7 @@ def preloaded_batches(spec: RunSpec, rank: int = 0, world: int = 1, groups: int 
     for g in range(len(images) // local):
         rows = slice(g * local, (g + 1) * local)
         batch = {"index": torch.from_numpy(index[rows]), "label": torch.from_numpy(labels[rows])}
-        if views_in_worker(spec.data, spec.engine.use_gpu):
+        if spec.data.augment == "worker":
             batch["image"] = torch.from_numpy(images[rows])
         else:
             batch |= make_views(images[rows], viewset, view_key(spec.engine.seed, 0), index[rows])

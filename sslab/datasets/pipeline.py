@@ -24,6 +24,8 @@ class DataConfig:
     batch_rows: int = knob(1024, "rows decoded (and augmented) per call of the map function; each Ray Data task "
                                  "streams one block of this many rows at a time", min=1)
     cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
+    # worker is the default on CPU as on GPU: `make demo` (SimCLR, 2 cores) took 157-162 s with it against 176-193 s
+    # with pipeline, whose tasks took more of the cores from training than making the views there costs it
     augment: str = knob("worker", "where views are made: worker (the training worker, on its device, from one "
                                   "decoded image per row) or pipeline (Ray Data tasks, shipped one column per "
                                   "view)", choices=("worker", "pipeline"))
@@ -115,13 +117,6 @@ def start_run_actor(name: str, cls: type = BadRows):
     node = heads[0] if heads else ray.get_runtime_context().get_node_id()
     where = NodeAffinitySchedulingStrategy(node, soft=True)
     return ray.remote(num_cpus=0)(cls).options(name=name, scheduling_strategy=where).remote()
-
-
-def views_in_worker(cfg: DataConfig, use_gpu: bool = False) -> bool:
-    """Whether the training worker makes the views (`data.augment`). `worker` is the default on CPU as on GPU:
-    `make demo` (SimCLR, 2 cores) took 157-162 s with it against 176-193 s with `pipeline`, whose tasks took more
-    of the cores from training than making the views in the worker costs it (docs/benchmarks.md)."""
-    return cfg.augment == "worker"
 
 
 def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from ..datasets.pipeline import start_run_actor, train_dataset, views_in_worker
+from ..datasets.pipeline import start_run_actor, train_dataset
 from ..datasets.shards import read_manifest
 from ..recipes import registry
 from .callbacks import default_callbacks
@@ -215,7 +215,7 @@ def torch_trainer(spec: RunSpec, name: str, storage: str, placement: Placement, 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    viewset = None if views_in_worker(spec.data, placement.use_gpu) else registry.get(spec.recipe_name).views(
+    viewset = None if spec.data.augment == "worker" else registry.get(spec.recipe_name).views(
         spec.recipe, spec.data, spec.data.crop_size or manifest.image_size[0])
     return TorchTrainer(
         train_worker,
