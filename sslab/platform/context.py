@@ -126,22 +126,35 @@ class RayContext:
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:            # this run's latest, then its older ones (same storage), newest first
-            candidates = [ckpt] + self._older(ckpt)
+            parent, _, name = ckpt.path.rstrip("/").rpartition("/")
+            candidates = [ckpt] + self._stored(ckpt.filesystem, parent, older_than=name)
         else:
-            candidates = [ray.train.Checkpoint(self.start_from)] if self.start_from else []
+            # Train's controller learns of a reported checkpoint when it next polls the workers: a node lost right
+            # after a report restarts the group without it. This run's own checkpoints in storage come first.
+            candidates = self._stored(*self._storage()) if self.run_dir else []
+            candidates = candidates or ([ray.train.Checkpoint(self.start_from)] if self.start_from else [])
         with newest_usable(((c.path, c.as_directory) for c in candidates), _say(self)) as found:
             yield found
 
+    def _storage(self):
+        """(pyarrow filesystem, path) of the run directory (a local path or a URI such as s3://)."""
+        import pyarrow.fs
+
+        if "://" in self.run_dir:
+            return pyarrow.fs.FileSystem.from_uri(self.run_dir)
+        return pyarrow.fs.LocalFileSystem(), self.run_dir
+
     @staticmethod
-    def _older(ckpt) -> list:
+    def _stored(filesystem, run_dir: str, older_than: str = "") -> list:
+        """The checkpoint_* directories in `run_dir` (named before `older_than`, if given), newest first."""
         import pyarrow.fs
         import ray.train
 
-        parent, _, name = ckpt.path.rstrip("/").rpartition("/")
-        infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-        older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory and
-                        i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
-        return [ray.train.Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir.rstrip("/"), allow_not_found=True))
+        found = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory and
+                        i.base_name.startswith("checkpoint_") and (not older_than or i.base_name < older_than)),
+                       reverse=True)
+        return [ray.train.Checkpoint(p, filesystem=filesystem) for p in found]
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> str | None:
         import ray.train
