@@ -115,7 +115,7 @@ def start_run_actor(name: str, cls: type = BadRows):
 
     heads = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
     node = heads[0] if heads else ray.get_runtime_context().get_node_id()
-    where = NodeAffinitySchedulingStrategy(node, soft=True)
+    where = NodeAffinitySchedulingStrategy(node, soft=False)   # it asks for nothing: it fits there, even busy
     return ray.remote(num_cpus=0)(cls).options(name=name, scheduling_strategy=where).remote()
 
 
