@@ -108,7 +108,7 @@ def _noted(pids) -> set[tuple[int, int]]:
 
 def reap(driver: tuple[int, int], named: list[tuple[int, int]], node: str = "", poll: float = 0.2,
          grace: float = 2.0) -> list[int]:
-    """Wait for `driver` (pid, start) to end, then stop the `named` processes, everything seen under them (the
+    """Wait for `driver` (pid, start) to end (or for the `named` processes to end: a `ray.shutdown()`), then stop the `named` processes, everything seen under them (the
     dashboard's helpers; a process orphaned when its parent dies is no longer under it, so the tree is noted
     every 10 polls) and the processes of Ray node `node` (the raylet's agents and workers: some daemons die with the
     driver and orphan them at once). The named daemons go first, so none is left to start a helper again; a
@@ -119,6 +119,8 @@ def reap(driver: tuple[int, int], named: list[tuple[int, int]], node: str = "", 
             tracked |= _noted(_descendants(p for p, s in tracked if _same(p, s)))
         if not _same(*driver):
             break
+        if n % 10 == 0 and not any(_same(p, s) for p, s in named):   # the driver shut its Ray down
+            return []
         time.sleep(poll)
     signalled: set[int] = set()
     for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):

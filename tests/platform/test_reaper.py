@@ -62,3 +62,15 @@ def test_reap_leaves_a_reused_pid_alone():
         assert sleeper.wait(timeout=5) is not None
     finally:
         sleeper.kill()
+
+
+def test_reap_ends_when_the_driver_shuts_its_ray_down():
+    # the driver lives on, but the processes it was watching are gone (ray.shutdown()): the reaper exits, signalling
+    # nothing, instead of polling until the driver ends (one would pile up per ray.init otherwise)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    start = reaper._start_time(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    began = time.monotonic()
+    assert reaper.reap((os.getpid(), reaper._start_time(os.getpid())), [(sleeper.pid, start)], poll=0.05) == []
+    assert time.monotonic() - began < 5
