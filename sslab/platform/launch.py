@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 import time
 import uuid
@@ -102,12 +103,23 @@ def init_ray(address: str | None, want_cpus: float, verbose: bool = True):
     if want_cpus > cores:
         print(f"[sslab] warning: the run asks for {want_cpus:g} CPUs (Train workers and data tasks) on a {cores}-core "
               f"machine: they will take turns on the cores, which is slower than asking for fewer")
-    # the dashboard listens on 127.0.0.1 only; Train V2's placement-group cleaner queries its state API
-    # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=verbose,
-             runtime_env=RUNTIME_ENV)
+    # address="local": a fresh instance even if `ray start` left one running here (join it with --address auto).
+    # The dashboard listens on 127.0.0.1 only. Its state API is what Train V2's placement-group cleaner asks whether
+    # the run's controller lives; looking the API up by itself, it would find whichever Ray instance on this machine
+    # is newest (and, asking that one, may take the live controller for dead). So the port is chosen here and every
+    # worker of the run is told it.
+    port = _free_port()
+    env_vars = RUNTIME_ENV["env_vars"] | {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=verbose,
+             runtime_env={"env_vars": env_vars})
     if ray.is_initialized():   # Ray's processes end with this one, even a killed one
         reaper.watch(ray.get_runtime_context().get_node_id())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -1,0 +1,62 @@
+"""A local Ray started by sslab keeps to itself: its processes find their own instance even when another Ray
+instance runs on the same machine."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+OTHER = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=True)
+print("ready", flush=True)
+sys.stdin.read()          # until the test is done
+ray.shutdown()
+"""
+
+DRIVER = """
+import json, ray
+from sslab.platform.launch import init_ray
+
+init_ray(None, 1, verbose=False)
+
+@ray.remote(num_cpus=0)
+class Marker:
+    def ping(self):
+        return 1
+
+marker = Marker.options(name="sslab-test-marker").remote()
+ray.get(marker.ping.remote())
+
+@ray.remote(num_cpus=0)
+def lookup():
+    # what Train's placement-group cleaner does in its controller: ask the state API, found by itself
+    from ray.dashboard.utils import get_address_for_submission_client
+    from ray.util.state import list_actors
+    return get_address_for_submission_client(None), [a.name for a in list_actors()]
+
+address, names = ray.get(lookup.remote())
+print(json.dumps({"address": address, "names": names, "dashboard": ray._private.worker.get_dashboard_url()}),
+      flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_local_runs_processes_ask_their_own_ray_with_another_instance_running(tmp_path):
+    env = dict(os.environ, RAY_ADDRESS="")
+    other = subprocess.Popen([sys.executable, "-c", OTHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env, cwd=str(tmp_path))
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        done = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, env=env,
+                              cwd=str(tmp_path), timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        assert seen["address"].endswith(seen["dashboard"].rsplit(":", 1)[-1]), seen
+        assert "sslab-test-marker" in seen["names"], f"the state API answering is another Ray's: {seen}"
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
