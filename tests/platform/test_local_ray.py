@@ -1,5 +1,5 @@
 """A local Ray started by sslab keeps to itself: its processes find their own instance even when another Ray
-instance runs on the same machine."""
+instance runs on the same machine, and it opens no IPv4 port on every interface."""
 import json
 import os
 import subprocess
@@ -39,8 +39,31 @@ def lookup():
     return get_address_for_submission_client(None), [a.name for a in list_actors()]
 
 address, names = ray.get(lookup.remote())
-print(json.dumps({"address": address, "names": names, "dashboard": ray._private.worker.get_dashboard_url()}),
-      flush=True)
+
+def listening():
+    # (address hex, port, process) of every TCP socket listening in this driver's process tree
+    import os
+    from sslab.platform.reaper import _descendants
+    owner = {}
+    for pid in _descendants([os.getpid()]) | {os.getpid()}:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = open(f"/proc/{pid}/cmdline", "rb").read().split(bytes(1))[0].decode()
+        except OSError:
+            pass
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in open(table).read().splitlines()[1:]:
+            f = row.split()
+            if f[3] == "0A" and f[9] in owner:          # state LISTEN
+                ip, port = f[1].split(":")
+                out.append((ip, int(port, 16), owner[f[9]]))
+    return out
+
+print(json.dumps({"address": address, "names": names, "dashboard": ray._private.worker.get_dashboard_url(),
+                  "listening": listening()}), flush=True)
 ray.shutdown()
 """
 
@@ -57,6 +80,12 @@ def test_a_local_runs_processes_ask_their_own_ray_with_another_instance_running(
         seen = json.loads(done.stdout.strip().splitlines()[-1])
         assert seen["address"].endswith(seen["dashboard"].rsplit(":", 1)[-1]), seen
         assert "sslab-test-marker" in seen["names"], f"the state API answering is another Ray's: {seen}"
+        # no IPv4 listener on every interface: the dashboard is on 127.0.0.1 and Ray's Prometheus endpoint (on
+        # 0.0.0.0) is off. (Ray 2.60's gRPC servers still listen on [::]; that needs a newer Ray.)
+        port = int(seen["dashboard"].rsplit(":", 1)[-1])
+        assert ("0100007F", port) in {(ip, p) for ip, p, _ in seen["listening"]}, seen["listening"]
+        wildcard = [(p, who) for ip, p, who in seen["listening"] if ip == "00000000"]
+        assert not wildcard, f"listening on every IPv4 interface: {wildcard}"
     finally:
         other.stdin.close()
         other.wait(timeout=60)
