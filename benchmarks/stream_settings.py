@@ -45,7 +45,7 @@ def main() -> None:
 
     def stream(blocks, rows):
         ds = ray.data.read_parquet(files, shuffle="files", **({"override_num_blocks": blocks} if blocks else {}))
-        ds = ds.select_columns(["image", "index", "label"]).randomize_block_order()
+        ds = ds.select_columns(["image", "index", "label"])
         return ds.map_batches(fn, batch_size=rows, batch_format="numpy", num_cpus=1.0)
 
     settings = {"default blocks, 256 rows": (0, 256), "default blocks, 1024 rows": (0, 1024),

@@ -113,10 +113,9 @@ def _with_files(manifest, files):
 
 
 def _ray_pass(cfg, manifest, viewset, batch: int) -> dict:
-    from ..datasets.pipeline import train_dataset
+    from ..datasets.pipeline import train_dataset, training_batches
 
-    ds = train_dataset(cfg, manifest, viewset)
-    return time_pass(ds.iter_torch_batches(batch_size=batch))
+    return time_pass(training_batches(train_dataset(cfg, manifest, viewset), batch, cfg.shuffle_rows))
 
 
 def _start_ray(cpus: int) -> bool:

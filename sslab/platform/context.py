@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .. import dist
+from ..datasets.pipeline import training_batches
 from .checkpoint import checkpoints, newest_usable
 from .console import Sender, View
 
@@ -38,13 +39,14 @@ class RayContext:
     `ray.train.get_checkpoint()` (a restart or a re-run of the same name), else from `start_from` (a new run
     branching off another run's checkpoint: PBT's exploit)."""
 
-    def __init__(self, run_dir: str = "", start_from: str = "", run_log: str = ""):
+    def __init__(self, run_dir: str = "", start_from: str = "", run_log: str = "", shuffle_rows: int = 0):
         import ray.train
         import ray.train.torch
 
         self.device = ray.train.torch.get_device()
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.run_dir, self.start_from, self._run_log = run_dir, start_from, run_log
+        self.shuffle_rows = shuffle_rows
         self._shard = ray.train.get_dataset_shard("train")
         self._ahead: tuple[int, threading.Thread, dict] | None = None     # a pass started early (start_pass)
         # rank 0's lines and progress go to the driver's console (console.py); without one, to this worker's stdout
@@ -71,8 +73,7 @@ class RayContext:
 
     def _open(self, size: int) -> Iterator[dict]:
         # on GPU, Ray's prefetch thread copies each batch to the device from pinned memory, overlapping the step
-        return iter(self._shard.iter_torch_batches(batch_size=size, drop_last=True,
-                                                   pin_memory=self.device.type == "cuda"))
+        return iter(training_batches(self._shard, size, self.shuffle_rows, pin_memory=self.device.type == "cuda"))
 
     def start_pass(self, size: int) -> None:
         """Start the next pass now, in a thread that waits for its first batch: its start (Ray Data's planning and

@@ -141,7 +141,7 @@ def train_worker(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`: the loop in the Ray context, with the standard callbacks and the
     caller's. `config` is what `train` puts in `train_loop_config`."""
     spec = RunSpec.from_dict(config["spec"])
-    context = RayContext(config["run_dir"], config["start_from"], config["run_log"])
+    context = RayContext(config["run_dir"], config["start_from"], config["run_log"], spec.data.shuffle_rows)
     callbacks = default_callbacks(config["log_dir"]) + list(config["callbacks"])
     Trainer(spec, context, callbacks, stop_after_epoch=config["stop_after_epoch"]).run()
 

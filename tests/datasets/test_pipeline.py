@@ -106,3 +106,28 @@ def test_ray_stream_of_decoded_images_for_views_made_in_the_worker(local_ray, ti
              "index": b["index"].numpy(), "label": b["label"].numpy()}
     pipeline = MakeViews(vs, m.channels, m.image_size, key=key)(table)
     assert all(np.array_equal(worker[c].numpy(), pipeline[c]) for c in vs.columns)
+
+
+@pytest.mark.ray
+def test_training_batches_are_made_up_anew_every_pass(local_ray, tiny_dataset):
+    # shards keep their row order and blocks their rows: without the worker's shuffle buffer every pass groups the
+    # same images into a batch; with it, batches differ between passes and a pass still covers each row once
+    from sslab.datasets.pipeline import training_batches
+
+    import dataclasses
+
+    m = read_manifest(tiny_dataset)
+    first = m.splits["train"][0]                     # one shard file (40 rows): the file order cannot change
+    m = dataclasses.replace(m, splits={"train": (first,)})
+    ds = train_dataset(DataConfig(path=tiny_dataset, batch_rows=16), m, None)
+
+    def groups(shuffle_rows):
+        return [frozenset(b["index"].tolist()) for b in training_batches(ds, 8, shuffle_rows)]
+
+    same = [groups(0) for _ in range(2)]
+    assert set(same[0]) == set(same[1]), "in stream order the batches are the same sets of images every pass"
+    mixed = [groups(32) for _ in range(2)]
+    assert set(mixed[0]) != set(mixed[1])
+    for g in same + mixed:
+        rows = [i for batch in g for i in batch]
+        assert len(g) == first.rows // 8 and len(rows) == len(set(rows)) == first.rows // 8 * 8
