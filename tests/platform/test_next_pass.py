@@ -14,7 +14,7 @@ class FakeShard:
     def __init__(self, n=3, fail=False):
         self.n, self.fail, self.passes, self.opened_in = n, fail, 0, []
 
-    def iter_torch_batches(self, batch_size, drop_last, pin_memory):
+    def iter_torch_batches(self, batch_size, drop_last, pin_memory, local_shuffle_buffer_size=None):
         self.opened_in.append(threading.current_thread().name)
         self.passes += 1
         p = self.passes
@@ -25,7 +25,7 @@ class FakeShard:
 
 def context(shard):
     ctx = object.__new__(RayContext)          # no Ray Train session here: only what batches() uses
-    ctx._shard, ctx._ahead, ctx.device = shard, None, torch.device("cpu")
+    ctx._shard, ctx._ahead, ctx.device, ctx.shuffle_rows = shard, None, torch.device("cpu"), 0
     return ctx
 
 
