@@ -111,7 +111,7 @@ def init_ray(address: str | None, want_cpus: float, verbose: bool = True):
     port = _free_port()
     env_vars = RUNTIME_ENV["env_vars"] | {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     # Ray's Prometheus endpoint listens on every interface: off unless RAY_enable_metrics_collection=1 asks for it
-    metrics = os.environ.get("RAY_enable_metrics_collection", "0") not in ("0", "false", "False", "")
+    metrics = os.environ.get("RAY_enable_metrics_collection", "0").lower() in ("1", "true")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=verbose,
              runtime_env={"env_vars": env_vars}, _system_config={"enable_metrics_collection": metrics})
     if ray.is_initialized():   # Ray's processes end with this one, even a killed one

@@ -108,11 +108,12 @@ def _noted(pids) -> set[tuple[int, int]]:
 
 def reap(driver: tuple[int, int], named: list[tuple[int, int]], node: str = "", poll: float = 0.2,
          grace: float = 2.0) -> list[int]:
-    """Wait for `driver` (pid, start) to end (or for the `named` processes to end: a `ray.shutdown()`), then stop the `named` processes, everything seen under them (the
+    """Wait for `driver` (pid, start) to end, then stop the `named` processes, everything seen under them (the
     dashboard's helpers; a process orphaned when its parent dies is no longer under it, so the tree is noted
     every 10 polls) and the processes of Ray node `node` (the raylet's agents and workers: some daemons die with the
     driver and orphan them at once). The named daemons go first, so none is left to start a helper again; a
-    SIGTERM round, then SIGKILL rounds for whatever is left or new. Returns the pids signalled."""
+    SIGTERM round, then SIGKILL rounds for whatever is left or new. Returns the pids signalled: none when the named
+    processes end while the driver lives (it shut its Ray down), and then the reaper ends too."""
     tracked = {(p, s) for p, s in named}
     for n in itertools.count():
         if n % 10 == 0:                                 # the tree every 2 s: a scan of /proc is the costly part

@@ -42,17 +42,15 @@ address, names = ray.get(lookup.remote())
 
 def listening():
     # (address hex, port, process) of every TCP socket listening in this driver's process tree
-    import os
+    import contextlib, os
     from sslab.platform.reaper import _descendants
     owner = {}
     for pid in _descendants([os.getpid()]) | {os.getpid()}:
-        try:
+        with contextlib.suppress(OSError):              # a process gone meanwhile
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if link.startswith("socket:["):
                     owner[link[8:-1]] = open(f"/proc/{pid}/cmdline", "rb").read().split(bytes(1))[0].decode()
-        except OSError:
-            pass
     out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for row in open(table).read().splitlines()[1:]:
