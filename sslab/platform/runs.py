@@ -34,14 +34,24 @@ def resolve_storage(storage: str | None) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, since: float | None = None) -> bool:
+    """Whether process `pid` of this host runs: it exists, is not a zombie (dead, not yet collected by its parent)
+    and, with `since`, had started by then (a later start means the pid was reused). Without /proc: exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, *fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, IndexError, ValueError):
         return True
-    return True
+    started = boot + int(fields[18]) / os.sysconf("SC_CLK_TCK")    # field 22 of stat: start time in clock ticks
+    return state not in ("Z", "X") and (since is None or started <= since + 2)   # boot time has 1 s resolution
 
 
 def _read_lock(path: str) -> dict | None:
@@ -57,14 +67,15 @@ def _read_lock(path: str) -> dict | None:
 def lock_owner_alive(path: str) -> bool:
     """Whether a run lock is held: the file exists and its owner lives (or runs on another host: cannot tell)."""
     owner = _read_lock(path)
-    return owner is not None and (owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1))))
+    return owner is not None and (owner.get("host") != socket.gethostname()
+                                  or _alive(int(owner.get("pid", -1)), owner.get("since")))
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: str):
     """One `train` per run directory at a time: a lock file holding the owner's pid and host, removed at the end.
-    A lock whose owner is gone (same host, no such process) is taken over with a message. URI storage holds no
-    lock (object stores have no exclusive create)."""
+    A lock whose owner is gone (same host; no such process, a zombie, or its pid reused since) is taken over with a
+    message. URI storage holds no lock (object stores have no exclusive create)."""
     if "://" in run_dir:
         yield
         return

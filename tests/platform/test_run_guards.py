@@ -3,6 +3,7 @@ with another recipe or a model its checkpoint does not fit."""
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -36,15 +37,21 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(tiny_dataset, tmp_p
     run = tmp_path / "runs" / "busy"
     run.mkdir(parents=True)
     lock = run / LOCK_FILE
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": 0}))
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": time.time()}))
     assert train(tiny_dataset, tmp_path / "runs", "busy") == 2
     assert f"is in use by pid {os.getpid()}" in capsys.readouterr().err
     gone = subprocess.Popen(["true"])
     gone.wait()
-    lock.write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "since": 0}))
-    with run_lock(str(run)):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert "its owner, pid" in capsys.readouterr().out and not lock.exists()
+    zombie = subprocess.Popen(["true"])          # dead, never collected: its pid still answers a signal 0
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    reused = os.getpid()                           # a live pid that started after the lock was written
+    for pid, since in ((gone.pid, time.time()), (zombie.pid, time.time()), (reused, time.time() - 10 ** 6)):
+        lock.write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "since": since}))
+        with run_lock(str(run)):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert f"its owner, pid {pid} on this host, is gone" in capsys.readouterr().out and not lock.exists()
+    zombie.wait()
 
 
 def test_resuming_with_another_recipe_or_model_is_refused(tiny_dataset, tmp_path, capsys, no_ray):
