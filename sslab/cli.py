@@ -68,7 +68,7 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     from .platform.launch import train
-    from .platform.report import summarize
+    from .platform.report import failure_line, summarize
 
     spec = _spec_from_args(args)
     try:
@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError):
         raise  # found before any cluster time was spent: main() prints them as usage errors
     except Exception as e:  # Ray Train's worker-group failure: its message carries the workers' tracebacks
-        print(f"[sslab] run failed: {e}", file=sys.stderr)
+        print(failure_line(e), file=sys.stderr)
         return 1
     return summarize(result)
 

@@ -1,11 +1,20 @@
 """What a finished run prints: its final metrics, where its checkpoint and logs are."""
 from __future__ import annotations
 
+from .runs import guard_stop
+
+
+def failure_line(error) -> str:
+    """What the console says of a run that ended with `error`: a guard's stop (divergence, collapse, bad rows) in
+    its one line; anything else, a bug, with the workers' tracebacks."""
+    stop = guard_stop(error)
+    return f"[sslab] {stop}" if stop else f"[sslab] run failed: {error}"
+
 
 def summarize(result) -> int:
     """Print the last reported metrics of a Ray Train Result; return a process exit code."""
     if result.error:
-        print(f"[sslab] run failed: {result.error}")
+        print(failure_line(result.error))
         return 1
     m = result.metrics or {}
     if not m:

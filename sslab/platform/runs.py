@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import socket
 import time
 
@@ -162,14 +163,21 @@ def read_history(run_dir: str) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
+def guard_stop(error) -> str:
+    """A guard's stop (`loop.TrainingStopped`: divergence, collapse, a bad-row share) as its one line, out of the
+    worker traceback Ray wraps it in; "" for any other error."""
+    found = re.findall(r"training stopped at [^\n]+", str(error))
+    return found[-1].strip() if found else ""
+
+
 def ended(error) -> dict:
     """The record fields for a run that ended with `error` (None: it finished)."""
     if error is None:
         return {"status": "finished", "reason": ""}
+    stop = guard_stop(error)
+    if stop:                                        # keep the guard's reason, not its advice on checkpoints
+        return {"status": "stopped", "reason": stop.split(". ")[0].split(": ", 1)[-1]}
     text = str(error)
-    if "training stopped at" in text:               # a guard (loop.TrainingStopped): keep its reason
-        reason = text[text.index("training stopped at"):].split(". ")[0]
-        return {"status": "stopped", "reason": reason.split(": ", 1)[-1]}
     # a worker's error arrives as its whole traceback: the last line names the exception
     last = next((line.strip() for line in reversed(text.strip().splitlines()) if line.strip()), type(error).__name__)
     return {"status": "failed", "reason": last[:200]}

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..platform.runs import guard_stop
 from ..plots import Knob, SweepTrial, knob_figure, save_png, sweep_figure
 from . import spaces
 from .runner import METRIC, Sweep
@@ -39,10 +40,9 @@ class Row:
 def failure_reason(error) -> str:
     """The line that says why a trial failed, out of Ray's nested tracebacks."""
     text = str(error)
-    for pattern in (r"TrainingStopped: (.+)", r"(\w+Error: .+)"):
-        found = re.findall(pattern, text)
-        if found:  # its first sentence: the engine's advice on checkpoints follows
-            return found[-1].strip().split(". ")[0][:300]
+    found = guard_stop(error) or ([""] + re.findall(r"\w+Error: .+", text))[-1]
+    if found:  # its first sentence: the engine's advice on checkpoints follows
+        return found.strip().split(". ")[0][:300]
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
 

@@ -73,6 +73,8 @@ def test_runs_console_tensorboard_and_curves(own_ray, tiny_dataset, tmp_path, ca
     # stopped by a guard: SGD at lr 1e6 blows the weights up (the divergence guard)
     assert main(["train", "simclr", "--data", tiny_dataset, "--name", "diverged", "--storage", storage,
                  "engine.optimizer=sgd", "engine.base_lr=1e6"] + TINY) == 1
+    err = capfd.readouterr().err                # the guard's one line, not the worker traceback Ray wraps it in
+    assert "[sslab] training stopped at epoch 1, step 1: weights diverged" in err and "Traceback" not in err
     # failed: an exception inside the loop
     from sslab.platform.launch import train
     from sslab.platform.spec import make_spec
