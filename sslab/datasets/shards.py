@@ -455,7 +455,7 @@ def decode_readable(pngs: Sequence[bytes], channels: int, size: tuple[int, int],
         try:
             decode_images([png], channels, out=out[len(keep):len(keep) + 1])
         except Exception as e:  # PIL's UnidentifiedImageError, OSError (truncated), our size check
-            bad.append((i, f"{type(e).__name__}: {e}"))
+            bad.append((i, f"{type(e).__name__}: {re.sub(r' <[^<>]* at 0x[0-9a-f]+>', '', str(e))}"))  # no repr
             continue
         keep.append(i)
     return out[:len(keep)], keep, bad

@@ -276,6 +276,11 @@ def test_decode_images_layout():
     assert out.shape == (2, 3, 2, 3)
     np.testing.assert_array_equal(out[1], rgb.transpose(2, 0, 1))
     assert decode_images([buf.getvalue()], 1).shape == (1, 1, 2, 3)    # converted to L on request
+    from sslab.datasets.shards import decode_readable
+
+    images, keep, bad = decode_readable([buf.getvalue(), b"\x89PNG but not really"], 3, (2, 3))
+    assert keep == [0] and images.shape == (1, 3, 2, 3)
+    assert bad == [(1, "UnidentifiedImageError: cannot identify image file")]   # not PIL's buffer and its address
 
 
 def test_manifest_errors(tmp_path):
