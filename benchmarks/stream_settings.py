@@ -1,7 +1,7 @@
 """Ray Data settings of the training stream, side by side: read blocks (Ray's default vs one per shard file) x rows
-per map call, on a local Ray with --cpus CPUs and one task per CPU. Each setting streams the whole training split
---passes times (interleaved with the others'); prints the median images/s, how busy the machine's CPUs were and the
-driver's own CPU share.
+per map call, then Ray Data's per-operator resource reservations turned off, on a local Ray with --cpus CPUs and one
+task per CPU. Each setting streams the whole training split --passes times (interleaved with the others'); prints
+the median images/s, the first batch's wait, how busy the machine's CPUs were and the driver's own CPU share.
 
     .venv/bin/python benchmarks/stream_settings.py --data data/fashion-mnist            # ~2 minutes on 2 cores
 """
@@ -43,28 +43,33 @@ def main() -> None:
     fn = DecodeImages(m.channels, m.image_size) if args.decode_only else MakeViews(two_views(m.image_size[0]),
                                                                                   m.channels, m.image_size)
 
-    def stream(blocks, rows):
+    def stream(blocks, rows, reserve=True):
+        ctx.op_resource_reservation_enabled = reserve
         ds = ray.data.read_parquet(files, shuffle="files", **({"override_num_blocks": blocks} if blocks else {}))
         ds = ds.select_columns(["image", "index", "label"])
         return ds.map_batches(fn, batch_size=rows, batch_format="numpy", num_cpus=1.0)
 
     settings = {"default blocks, 256 rows": (0, 256), "default blocks, 1024 rows": (0, 1024),
-                "block per file, 256 rows": (len(files), 256), "block per file, 1024 rows": (len(files), 1024)}
+                "block per file, 256 rows": (len(files), 256), "block per file, 1024 rows": (len(files), 1024),
+                "same, no reservations": (len(files), 1024, False), "default blocks, no reservations": (0, 1024, False)}
     stream(len(files), 1024).materialize()                       # starts Ray's worker processes
     got = {k: [] for k in settings}
     for _ in range(args.passes):
-        for name, (blocks, rows) in settings.items():
+        for name, setting in settings.items():
             idle0, all0 = cpu_times()
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            n = sum(len(b["index"]) for b in stream(blocks, rows).iter_torch_batches(batch_size=256))
+            n, first = 0, None
+            for b in stream(*setting).iter_torch_batches(batch_size=256):
+                n, first = n + len(b["index"]), first or time.perf_counter() - t0
             r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             idle1, all1 = cpu_times()
             driver = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (t1 - t0)
-            got[name].append((n / (t1 - t0), 1 - (idle1 - idle0) / (all1 - all0), driver))
+            got[name].append((n / (t1 - t0), 1 - (idle1 - idle0) / (all1 - all0), driver, first))
     print(f"{len(files)} shard files, {m.count('train')} images, {args.cpus} CPUs, medians of {args.passes} passes")
     for name, runs in got.items():
-        rate, busy, driver = (statistics.median(x[i] for x in runs) for i in range(3))
-        print(f"{name:28s} {rate:>9,.0f} img/s   CPUs busy {busy:4.0%}   driver {driver:4.0%} of a core")
+        rate, busy, driver, first = (statistics.median(x[i] for x in runs) for i in range(4))
+        print(f"{name:32s} {rate:>9,.0f} img/s   first batch {first:4.2f} s   CPUs busy {busy:4.0%}   "
+              f"driver {driver:4.0%} of a core")
     ray.shutdown()
 
 

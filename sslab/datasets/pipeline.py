@@ -21,8 +21,9 @@ class DataConfig:
     min_scale: float = knob(0.2, "smallest random-resized-crop area fraction of global views", min=0.01, max=1.0)
     blur_p: float = knob(-1.0, "gaussian-blur probability; -1 = the recipe's own choice", min=-1.0, max=1.0)
     crop_size: int = knob(0, "side of global views in pixels; 0 = the stored image size", min=0)
-    batch_rows: int = knob(1024, "rows decoded (and augmented) per call of the map function; each Ray Data task "
-                                 "streams one block of this many rows at a time", min=1)
+    batch_rows: int = knob(1024, "rows decoded (and augmented) per call of the map function; a task maps its "
+                                 "block (a shard file, or a share of one when task slots outnumber files) in calls "
+                                 "of this many rows", min=1)
     cpus_per_task: float = knob(0.5, "logical CPUs each decode/augment task reserves", min=0.0, min_exclusive=True)
     # worker is the default on CPU as on GPU: `make demo` (SimCLR, 2 cores) took 157-162 s with it against 176-193 s
     # with pipeline, whose tasks took more of the cores from training than making the views there costs it
@@ -136,6 +137,10 @@ def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):
     # output at its end, per shard file: measured on 2 and 16 CPUs, the first batch came 9-22 s into a 10-22 s pass.
     if hasattr(ctx, "use_datasource_v2"):
         ctx.use_datasource_v2 = False
+    # Ray Data's per-operator resource reservations stay on (its default), though with them one decode task runs
+    # alone for the first 1.5-2 s of every pass: turned off, the stream alone on 2 CPUs went from 14.6k to 19.9k
+    # img/s with two views (benchmarks/stream_settings.py), but in training the extra tasks crowded the trainer's
+    # cores and `make demo` took 188-205 s against 188-191 s (3 runs each).
     # One read block per shard file, or one per task slot if that is more: each task then reads and maps thousands
     # of rows. Ray Data's scheduling loop waits (up to 100 ms) for every running task to have output before it
     # starts the next one, so with its default of many small blocks a slot idled through much of each short task:

@@ -49,8 +49,8 @@ def test_ray_stream_multi_crop_columns(local_ray, tiny_dataset):
 
 @pytest.mark.ray
 def test_ray_stream_yields_a_shard_file_in_several_blocks(local_ray, tmp_path):
-    """One shard file comes out as a block per `batch_rows`, so a pass streams from its start (a task that handed
-    over a whole file's views at once, when it ends, would hold the first batch back for the whole file)."""
+    """With more task slots than shard files (here 8 on the test Ray, one file), a file is read as several blocks, so
+    every slot has work from a pass's start instead of one task decoding the whole file."""
     from sslab.datasets import shards, sources
     from conftest import make_image_folder
 
