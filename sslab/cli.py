@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder without train/ and test/ sub-folders: share held out for evaluation (default 0.1)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
     s.add_argument("--encoding", choices=("png", "raw"), default="png",
-                   help="how images are stored: png (compact for larger photos; decoded when read) or raw uint8 pixels (no "
-                        "decoding: faster for small images; zstd-compressed, Fashion-MNIST takes 30 MB raw, 33 MB as PNG)")
+                   help="how images are stored: png (compact for larger photos; decoded when read) or raw uint8 "
+                        "pixels (no decoding: faster for small images; zstd-compressed, Fashion-MNIST takes 30 MB raw, "
+                        "33 MB as PNG)")
     s.set_defaults(fn=cmd_data_prepare)
     s = d.add_parser("info", help="summarise a prepared dataset")
     s.add_argument("dir")

@@ -19,7 +19,7 @@ import sys
 import time
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if it is gone (or a
     zombie: dead, waiting for its parent to collect it)."""
     try:
@@ -80,7 +80,7 @@ def _is_ray(pid: int) -> bool:
 
 
 def _same(pid: int, start: int) -> bool:
-    return _start_time(pid) == start
+    return start_time(pid) == start
 
 
 def watch(node: str, driver: int | None = None) -> subprocess.Popen | None:
@@ -95,7 +95,7 @@ def watch(node: str, driver: int | None = None) -> subprocess.Popen | None:
     named = [f"{pid}:{start}" for pid, start in sorted(_noted(daemons)) + sorted(_noted(_descendants(daemons)))]
     if not named:
         return None
-    return subprocess.Popen([sys.executable, "-m", "sslab.platform.reaper", node, f"{driver}:{_start_time(driver)}",
+    return subprocess.Popen([sys.executable, "-m", "sslab.platform.reaper", node, f"{driver}:{start_time(driver)}",
                              *named],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)     # outlives a Ctrl-C or kill of the driver's process group
@@ -103,7 +103,7 @@ def watch(node: str, driver: int | None = None) -> subprocess.Popen | None:
 
 def _noted(pids) -> set[tuple[int, int]]:
     """(pid, start time) of the pids still running."""
-    return {(p, s) for p, s in ((p, _start_time(p)) for p in pids) if s is not None}
+    return {(p, s) for p, s in ((p, start_time(p)) for p in pids) if s is not None}
 
 
 def reap(driver: tuple[int, int], named: list[tuple[int, int]], node: str = "", poll: float = 0.2,

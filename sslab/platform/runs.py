@@ -19,6 +19,7 @@ import socket
 import time
 
 from ..config import ConfigError
+from .reaper import start_time
 
 RECORD = "run.json"
 HISTORY = "metrics.jsonl"
@@ -39,20 +40,20 @@ def _alive(pid: int, since: float | None = None) -> bool:
     """Whether process `pid` of this host runs: it exists, is not a zombie (dead, not yet collected by its parent)
     and, with `since`, had started by then (a later start means the pid was reused). Without /proc: exists."""
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):      # another user's process: it exists
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state, *fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, IndexError, ValueError):
+    if not os.path.isdir("/proc/self"):
         return True
-    started = boot + int(fields[18]) / os.sysconf("SC_CLK_TCK")    # field 22 of stat: start time in clock ticks
-    return state not in ("Z", "X") and (since is None or started <= since + 2)   # boot time has 1 s resolution
+    ticks = start_time(pid)
+    if ticks is None:                                   # a zombie (or gone since)
+        return False
+    if since is None:
+        return True
+    with open("/proc/stat") as f:
+        boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK") <= since + 2    # boot time has 1 s resolution
 
 
 def _read_lock(path: str) -> dict | None:

@@ -24,7 +24,7 @@ time.sleep(120)
 
 
 def _alive(pid, start):
-    return reaper._start_time(pid) == start
+    return reaper.start_time(pid) == start
 
 
 def test_ray_processes_end_soon_after_the_driver_is_killed(tmp_path):
@@ -34,9 +34,9 @@ def test_ray_processes_end_soon_after_the_driver_is_killed(tmp_path):
     try:
         *ray_pids, other = map(int, driver.stdout.readline().split())
         assert len(ray_pids) >= 2, "a local Ray has a GCS and a raylet at least"
-        watched = [(p, reaper._start_time(p)) for p in ray_pids]
-        workers = [(c, reaper._start_time(c)) for p in ray_pids for c in reaper._children(p)]
-        other_start = reaper._start_time(other)
+        watched = [(p, reaper.start_time(p)) for p in ray_pids]
+        workers = [(c, reaper.start_time(c)) for p in ray_pids for c in reaper._children(p)]
+        other_start = reaper.start_time(other)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         deadline = time.monotonic() + 15
@@ -47,7 +47,7 @@ def test_ray_processes_end_soon_after_the_driver_is_killed(tmp_path):
         assert _alive(other, other_start), "a child of the driver that is not Ray's was stopped"
     finally:
         driver.kill()
-        if other is not None and reaper._start_time(other) is not None:
+        if other is not None and reaper.start_time(other) is not None:
             os.kill(other, signal.SIGKILL)
 
 
@@ -55,7 +55,7 @@ def test_reap_leaves_a_reused_pid_alone():
     # a process named with another start time (its pid was reused) is not signalled
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        start = reaper._start_time(sleeper.pid)
+        start = reaper.start_time(sleeper.pid)
         assert reaper.reap((2 ** 22 + 1, 0), [(sleeper.pid, start + 1)], grace=0.2) == []      # driver gone
         assert sleeper.poll() is None
         assert reaper.reap((2 ** 22 + 1, 0), [(sleeper.pid, start)], grace=0.5) == [sleeper.pid]
@@ -68,9 +68,9 @@ def test_reap_ends_when_the_driver_shuts_its_ray_down():
     # the driver lives on, but the processes it was watching are gone (ray.shutdown()): the reaper exits, signalling
     # nothing, instead of polling until the driver ends (one would pile up per ray.init otherwise)
     sleeper = subprocess.Popen(["sleep", "30"])
-    start = reaper._start_time(sleeper.pid)
+    start = reaper.start_time(sleeper.pid)
     sleeper.kill()
     sleeper.wait()
     began = time.monotonic()
-    assert reaper.reap((os.getpid(), reaper._start_time(os.getpid())), [(sleeper.pid, start)], poll=0.05) == []
+    assert reaper.reap((os.getpid(), reaper.start_time(os.getpid())), [(sleeper.pid, start)], poll=0.05) == []
     assert time.monotonic() - began < 5
