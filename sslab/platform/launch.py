@@ -113,7 +113,7 @@ def init_ray(address: str | None, want_cpus: float, verbose: bool = True):
     # Ray's Prometheus endpoint listens on every interface: off unless RAY_enable_metrics_collection=1 asks for it
     metrics = os.environ.get("RAY_enable_metrics_collection", "0").lower() in ("1", "true")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=verbose,
-             runtime_env={"env_vars": env_vars}, _system_config={"enable_metrics_collection": metrics})
+             runtime_env=RUNTIME_ENV | {"env_vars": env_vars}, _system_config={"enable_metrics_collection": metrics})
     if ray.is_initialized():   # Ray's processes end with this one, even a killed one
         reaper.watch(ray.get_runtime_context().get_node_id())
 
