@@ -131,3 +131,48 @@ def test_training_batches_are_made_up_anew_every_pass(local_ray, tiny_dataset):
     for g in same + mixed:
         rows = [i for batch in g for i in batch]
         assert len(g) == first.rows // 8 and len(rows) == len(set(rows)) == first.rows // 8 * 8
+
+
+class Blocks:
+    """A stream as training_batches reads it (Ray's iter_batches of whole blocks), counting the rows handed out."""
+
+    def __init__(self, sizes):
+        self.sizes, self.read = sizes, 0
+
+    def iter_batches(self, batch_size, batch_format):
+        assert batch_size is None and batch_format == "numpy"
+        start = 0
+        for n in self.sizes:
+            index = np.arange(start, start + n)
+            start += n
+            self.read += n
+            yield {"index": index, "label": 3 * index, "image": (np.repeat(index, 4).reshape(n, 1, 2, 2) % 256).astype(np.uint8)}
+
+
+def test_training_batches_draw_whole_batches_from_the_rows_at_hand():
+    import torch
+
+    from sslab.datasets.pipeline import training_batches
+
+    sizes = [10, 3, 25, 7, 40, 1, 30]                  # 116 rows in blocks of any size
+    total, block_of = sum(sizes), np.repeat(np.arange(len(sizes)), sizes)
+    in_order = [b["index"].tolist() for b in training_batches(Blocks(sizes), 8, 0)]
+    assert [i for b in in_order for i in b] == list(range(total // 8 * 8)), "shuffle_rows 0: the stream's order"
+
+    stream = Blocks(sizes)
+    batches, kept_back = [], []
+    for b in training_batches(stream, 8, 16, seed=1):
+        batches.append(b)
+        kept_back.append(stream.read - 8 * len(batches))
+    rows = [i for b in batches for i in b["index"].tolist()]
+    assert len(batches) == total // 8 and all(b["index"].shape == (8,) for b in batches)
+    assert len(rows) == len(set(rows)) and set(rows) <= set(range(total))
+    # while blocks still come, at least shuffle_rows rows stay behind to mix with the next; the end takes them
+    assert min(kept_back[:-2]) >= 16 and kept_back[-1] == total % 8
+    for b in batches:                                  # every column follows the same rows
+        assert b["label"].tolist() == (3 * b["index"]).tolist()
+        assert b["image"].dtype == torch.uint8 and (b["image"][:, 0, 0, 0] == b["index"] % 256).all()
+    assert rows != sorted(rows) and any(len(set(block_of[b["index"].numpy()])) > 1 for b in batches)
+    again = [b["index"].tolist() for b in training_batches(Blocks(sizes), 8, 16, seed=1)]
+    other = [b["index"].tolist() for b in training_batches(Blocks(sizes), 8, 16, seed=2)]
+    assert again == [b["index"].tolist() for b in batches] and other != again
