@@ -30,8 +30,9 @@ class DataConfig:
     augment: str = knob("worker", "where views are made: worker (the training worker, on its device, from one "
                                   "decoded image per row) or pipeline (Ray Data tasks, shipped one column per "
                                   "view)", choices=("worker", "pipeline"))
-    shuffle_rows: int = knob(2048, "rows each training worker mixes its stream in (Ray Data's local shuffle "
-                                   "buffer), so batches are made up anew every epoch; 0 = off", min=0)
+    shuffle_rows: int = knob(2048, "rows each training worker keeps back to mix with the next block it receives "
+                                   "(its batches are drawn at random from both), so batches are made up anew "
+                                   "every epoch; 0 = stream order", min=0)
     limit: int = knob(0, "use only the first N training images (0 = all); for smoke runs", min=0)
     max_bad_fraction: float = knob(0.01, "stop training when more than this share of the training rows failed to "
                                          "decode (each such row is skipped, counted and named at the end)",
