@@ -140,8 +140,9 @@ def train_dataset(cfg: DataConfig, manifest, viewset, bad_rows: str = ""):
         ctx.use_datasource_v2 = False
     # Ray Data's per-operator resource reservations off: with them the read and the decode each keep a share of the
     # CPUs, and one decode task ran alone for the first 1.5-2 s of every pass though two slots were free (2 CPUs,
-    # the CPUs ~70% busy). Without them, and with the worker's shuffle below, the stream went from 14.1-16.1k to
-    # 21.9-22.3k img/s with two views, 20.3-21.9k to 32.9-33.3k decode only (`sslab bench data --cpus 2`).
+    # the CPUs ~70% busy). Without them, and with the worker's batching (`training_batches`), the stream went from
+    # 14.1-16.1k to 21.9-22.3k img/s with two views, 20.3-21.9k to 32.9-33.3k decode only
+    # (`sslab bench data --cpus 2`).
     ctx.op_resource_reservation_enabled = False
     # One read block per shard file, or one per task slot if that is more: each task then reads and maps thousands
     # of rows. Ray Data's scheduling loop waits (up to 100 ms) for every running task to have output before it

@@ -72,7 +72,8 @@ class RayContext:
         return ray.get(ray.get_actor(self._run_log).count.remote()) if self._run_log else 0
 
     def _open(self, size: int) -> Iterator[dict]:
-        # on GPU, batches come in page-locked memory: the loop's copy to the device does not wait for it
+        # on GPU, batches come in page-locked memory, so the loop's non-blocking copy to the device does not hold
+        # up the host
         return iter(training_batches(self._shard, size, self.shuffle_rows, pin_memory=self.device.type == "cuda"))
 
     def start_pass(self, size: int) -> None:
